@@ -1,0 +1,37 @@
+"""Errors raised by memorag_core. Every message names the cause (the file, the argument, the model)."""
+
+
+class MemoRAGError(Exception):
+    """Base class of every error that memorag raises on purpose."""
+
+
+class InvalidInputError(MemoRAGError, ValueError):
+    """Bad user input: empty text, undecodable bytes, an over-long query, a bad config value."""
+
+
+class ModelNotFoundError(MemoRAGError, FileNotFoundError):
+    """A model named by path or hub id cannot be found or loaded offline."""
+
+
+class MemoryNotReadyError(MemoRAGError, RuntimeError):
+    """A query was made before any text was memorized or loaded."""
+
+
+class ArtifactError(MemoRAGError):
+    """An artifact (memory file, manifest, table, index) is missing, corrupt or of an unknown schema."""
+
+
+class ArtifactNotFoundError(ArtifactError, FileNotFoundError):
+    """An artifact that should exist is missing."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """An artifact exists but is truncated, fails its checksum, or does not parse."""
+
+
+class SchemaVersionError(ArtifactError):
+    """An artifact was written by a newer schema version than this code understands."""
+
+
+class OptionalDependencyError(MemoRAGError, ImportError):
+    """An optional engine (vLLM, FlagEmbedding, openai, ray, s3fs) is needed but cannot be imported."""
