@@ -35,3 +35,15 @@ class SchemaVersionError(ArtifactError):
 
 class OptionalDependencyError(MemoRAGError, ImportError):
     """An optional engine (vLLM, FlagEmbedding, openai, ray, s3fs) is needed but cannot be imported."""
+
+
+class StoreAccessError(ArtifactError, PermissionError):
+    """The store refused access: wrong or missing credentials, or no permission on the bucket or object."""
+
+
+class StoreUnavailableError(ArtifactError, ConnectionError):
+    """The store could not be reached (connection refused or dropped, timeouts) even after retries with backoff."""
+
+
+class PublishConflictError(ArtifactError):
+    """Another publisher replaced a collection's live pointer first; this publish lost and changed nothing live."""
