@@ -1,0 +1,429 @@
+"""Run a dataset through the evaluation modes with one set of models, and record every prediction.
+
+Modes (all use the same chunks, embedder, ``hits`` and generator prompt; only the evidence differs):
+
+``full``
+    The long-LLM baseline: the whole context goes to the generator when it fits the generator's window
+    (``full_context_max_tokens``); otherwise the example is *skipped* with the reason recorded.
+``rag``
+    Standard RAG: the question alone retrieves ``hits`` chunks.
+``memorag``
+    MemoRAG: the memory model writes clues (recalled spans and surrogate questions); the facade's retrieval
+    queries (clues plus the question) each retrieve ``hits`` chunks, deduplicated.
+``memorag_draft``
+    MemoRAG with the memory's draft answer: as ``memorag`` with ``use_memory_answer=True``; the draft also goes to
+    the generator as the line ``"The answer might be <draft>."``, as upstream MemoRAG does.
+
+Corpus settings:
+
+``per_question``
+    Each example's own passages are memorized and indexed on their own (HotpotQA: its 10 paragraphs).
+``pooled``
+    The passages of the first ``pooled_examples`` examples (all by default), deduplicated, form one collection:
+    memorized once into one memory (saved under the output folder and reloaded when a run resumes) and indexed
+    once. Every question then runs against the whole pool, where a global memory should matter.
+
+Resuming: predictions are keyed by (setting, mode, example id) in ``predictions.json``; a rerun with the same
+config skips what is there and appends the rest. A rerun with a config that changes results (models, memory,
+hits, chunking, token budgets) is refused unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memorag_core.errors import InvalidInputError
+from memorag_core.eval.datasets import (
+    EvalChunk,
+    EvalExample,
+    Passage,
+    chunk_passages,
+    join_passages,
+    pooled_passages,
+)
+from memorag_core.eval.metrics import METRICS, best_over_references, evidence_recall
+from memorag_core.eval.report import load_results, save_results, write_report
+
+logger = logging.getLogger(__name__)
+
+MODES = ("full", "rag", "memorag", "memorag_draft")
+SETTINGS = ("per_question", "pooled")
+_MEMORY_MODES = ("memorag", "memorag_draft")
+_RETRIEVAL_MODES = ("rag", "memorag", "memorag_draft")
+
+
+def _d(text: str) -> dict[str, str]:
+    return {"description": text}
+
+
+@dataclass
+class EvalConfig:
+    """What an evaluation run does. Validated in ``__post_init__``; every error names the field."""
+
+    dataset: str = field(metadata=_d("JSONL file in HotpotQA or LongBench format"))
+    output_dir: str = field(default="runs/eval", metadata=_d(
+        "folder for predictions.json, results.md, results.png and the pooled memory"))
+    dataset_format: str = field(default="auto", metadata=_d("auto (from the fields), hotpotqa or longbench"))
+    task: str = field(default="auto", metadata=_d(
+        "LongBench task: auto (summary for LongBench's summarization datasets), qa or summary"))
+    limit: int | None = field(default=None, metadata=_d("evaluate only the first N examples (None: all)"))
+    modes: tuple[str, ...] = field(default=MODES, metadata=_d(f"modes to run, a subset of {MODES}"))
+    settings: tuple[str, ...] = field(default=SETTINGS, metadata=_d(f"corpus settings to run, a subset of {SETTINGS}"))
+    pooled_examples: int | None = field(default=None, metadata=_d(
+        "pooled setting: pool the passages of the first N examples (None: of all evaluated examples); "
+        "questions are still the evaluated examples that fall in the pool"))
+    mem_model: str | None = field(default=None, metadata=_d("memory model (folder or hub id); None: embedded SmolLM2"))
+    ret_model: str | None = field(default=None, metadata=_d("embedder (folder or hub id); None: embedded MiniLM"))
+    gen_model: str | None = field(default=None, metadata=_d(
+        "generator model (folder or hub id); None: the facade's default (the memory model)"))
+    generator: str | None = field(default=None, metadata=_d(
+        "generator backend spec for memorag_core.generators.load_generator (e.g. a vLLM or OpenAI spec); "
+        "overrides gen_model"))
+    memory_kind: str = field(default="compressed_kv", metadata=_d("memory kind (see MemoryConfig.kind)"))
+    ratio: int = field(default=4, metadata=_d("memory compression ratio for the per-question setting"))
+    pooled_ratio: int = field(default=16, metadata=_d(
+        "memory compression ratio for the pooled setting (a larger corpus needs a higher ratio to fit)"))
+    window: int = field(default=1024, metadata=_d("memory prefill window in tokens"))
+    positions: str = field(default="compact", metadata=_d("memory positions: compact or original"))
+    hits: int = field(default=3, metadata=_d("chunks retrieved per retrieval query (k of recall@k)"))
+    chunk_size: int = field(default=512, metadata=_d(
+        "retrieval chunk budget in tokens; a passage that fits is never split"))
+    clue_max_new_tokens: int = field(default=64, metadata=_d("most tokens per clue generation (recall, rewrite, draft)"))
+    answer_max_new_tokens: int = field(default=32, metadata=_d("most tokens of a generated answer"))
+    full_context_max_tokens: int | None = field(default=None, metadata=_d(
+        "longest context (tokens) the full mode sends to the generator; None: the generator model's "
+        "max_position_embeddings minus answer_max_new_tokens minus 256 for the prompt template"))
+    device: str = field(default="auto", metadata=_d("device for the local models: auto, cpu or cuda[:N]"))
+    overwrite: bool = field(default=False, metadata=_d(
+        "start afresh even if predictions.json exists with a different config (it is replaced)"))
+
+    def __post_init__(self) -> None:
+        self.modes = tuple(self.modes)
+        self.settings = tuple(self.settings)
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise InvalidInputError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        bad = [s for s in self.settings if s not in SETTINGS]
+        if bad or not self.settings:
+            raise InvalidInputError(f"settings must be a non-empty subset of {SETTINGS}, got {self.settings}")
+        for name in ("hits", "chunk_size", "clue_max_new_tokens", "answer_max_new_tokens", "ratio", "pooled_ratio",
+                     "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("limit", "pooled_examples", "full_context_max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InvalidInputError(f"{name} must be a positive integer or None, got {value!r}")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that change predictions: a resumed run must match them."""
+        d = dataclasses.asdict(self)
+        for k in ("output_dir", "limit", "modes", "settings", "overwrite", "device", "pooled_examples"):
+            d.pop(k)
+        return d
+
+
+def _machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    return info
+
+
+class EvalRunner:
+    """Runs examples through modes and settings with one MemoRAG pipeline, writing predictions as it goes.
+
+    Args:
+        config: The run's configuration.
+        pipeline: A ready :class:`memorag_core.facade.MemoRAG` (tests pass one built on tiny models); ``None``
+            builds one from ``config``.
+    """
+
+    def __init__(self, config: EvalConfig, pipeline: Any = None) -> None:
+        self.config = config
+        self.out_dir = Path(config.output_dir)
+        self.predictions_path = self.out_dir / "predictions.json"
+        self.pipeline = pipeline if pipeline is not None else self._build_pipeline()
+        from memorag_core.retrieval.chunker import TokenChunker
+
+        self.chunker = TokenChunker(tokenizer=self._tokenizer(), chunk_size=config.chunk_size)
+        self._chunkers: dict[int, Any] = {config.chunk_size: self.chunker}
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _build_pipeline(self) -> Any:
+        from memorag_core.facade import MemoRAG
+        from memorag_core.memory import MemoryConfig
+        from memorag_core.models import LoadOptions
+
+        c = self.config
+        memory_config = MemoryConfig(kind=c.memory_kind, model=c.mem_model, ratio=c.ratio, window=c.window,
+                                     positions=c.positions, load=LoadOptions(device=c.device))
+        generator = None
+        if c.generator is not None:
+            from memorag_core.generators import load_generator
+
+            generator = load_generator(c.generator)
+        return MemoRAG(mem_model_name_or_path=c.mem_model, ret_model_name_or_path=c.ret_model,
+                       gen_model_name_or_path=c.gen_model, ret_hit=c.hits, retrieval_chunk_size=c.chunk_size,
+                       memory_config=memory_config, generator=generator)
+
+    def _tokenizer(self) -> Any:
+        return self.pipeline.memory.tokenizer
+
+    def _full_context_limit(self) -> int:
+        if self.config.full_context_max_tokens is not None:
+            return self.config.full_context_max_tokens
+        model = getattr(self.pipeline.generator, "model", None)
+        max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if not max_pos:
+            raise InvalidInputError(
+                "the full mode needs full_context_max_tokens: the generator does not expose a model config with "
+                "max_position_embeddings (e.g. a vLLM or OpenAI backend); pass --full-context-max-tokens")
+        return int(max_pos) - self.config.answer_max_new_tokens - 256
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` under the chunking tokenizer (without special tokens)."""
+        return self.chunker.count_tokens(text)
+
+    def make_chunks(self, passages: Iterable[Passage]) -> list[EvalChunk]:
+        """Chunk passages with the configured budget, keeping a fitting passage whole and titles attached."""
+        return chunk_passages(passages, self.count_tokens, self._split, self.config.chunk_size)
+
+    def _split(self, text: str, budget: int) -> list[str]:
+        if budget not in self._chunkers:
+            from memorag_core.retrieval.chunker import TokenChunker
+
+            self._chunkers[budget] = TokenChunker(tokenizer=self.chunker.tokenizer, chunk_size=budget)
+        return [c.text for c in self._chunkers[budget].split(text)]
+
+    # -- results file -------------------------------------------------------------------------------------------
+    def _load_or_new(self) -> dict[str, Any]:
+        fp = self.config.fingerprint()
+        if self.predictions_path.exists() and not self.config.overwrite:
+            results = load_results(self.predictions_path)
+            if results.get("config_fingerprint") != fp:
+                changed = sorted(k for k in set(fp) | set(results.get("config_fingerprint", {}))
+                                 if fp.get(k) != results.get("config_fingerprint", {}).get(k))
+                raise InvalidInputError(
+                    f"{self.predictions_path} was written with a different config (fields {changed}); use another "
+                    "output folder, or overwrite=True (--overwrite) to start afresh")
+            logger.info("resuming from %s", self.predictions_path)
+            return results
+        return {"config": dataclasses.asdict(self.config), "config_fingerprint": fp, "machine": _machine(),
+                "settings": {}, "notes": []}
+
+    # -- running ------------------------------------------------------------------------------------------------
+    def run(self, examples: list[EvalExample], progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Evaluate ``examples`` in every configured setting and mode; return the results dict.
+
+        Writes ``predictions.json`` after every example (atomically), then ``results.md`` and ``results.png``.
+        """
+        if not examples:
+            raise InvalidInputError("no examples to evaluate")
+        results = self._load_or_new()
+        results["machine"] = _machine()
+        for setting in self.config.settings:
+            block = results["settings"].setdefault(
+                setting, {"predictions": {m: {} for m in self.config.modes}, "wall_seconds": 0.0, "info": {}})
+            for m in self.config.modes:
+                block["predictions"].setdefault(m, {})
+            start = time.perf_counter()
+            try:
+                if setting == "per_question":
+                    self._run_per_question(examples, results, block, progress)
+                else:
+                    self._run_pooled(examples, results, block, progress)
+            finally:
+                block["wall_seconds"] += time.perf_counter() - start
+                save_results(results, self.predictions_path)
+        results["notes"] = self._notes(results)
+        save_results(results, self.predictions_path)
+        write_report(results, self.out_dir)
+        return results
+
+    def _todo(self, block: dict[str, Any], ex: EvalExample) -> list[str]:
+        return [m for m in self.config.modes if ex.id not in block["predictions"][m]]
+
+    def _run_per_question(self, examples, results, block, progress) -> None:
+        self.pipeline.memory.config.ratio = self.config.ratio
+        for i, ex in enumerate(examples):
+            todo = self._todo(block, ex)
+            if not todo:
+                continue
+            chunks = self.make_chunks(ex.passages)
+            context = ex.context()
+            pre: dict[str, float] = {}
+            if any(m in _RETRIEVAL_MODES for m in todo):
+                pre["index"] = self._index(chunks)
+            if any(m in _MEMORY_MODES for m in todo):
+                t = time.perf_counter()
+                self.pipeline.memory.reset()
+                self.pipeline.memory.memorize(context)
+                pre["memorize"] = time.perf_counter() - t
+            for mode in todo:
+                block["predictions"][mode][ex.id] = self._run_mode(mode, ex, chunks, context, pre)
+            save_results(results, self.predictions_path)
+            if progress:
+                progress(f"per_question {i + 1}/{len(examples)} {ex.id}")
+
+    def _run_pooled(self, examples, results, block, progress) -> None:
+        c = self.config
+        pool_n = c.pooled_examples or len(examples)
+        pool_examples = examples[:pool_n]
+        passages = pooled_passages(pool_examples)
+        chunks = self.make_chunks(passages)
+        context = join_passages(passages)
+        questions = pool_examples
+        todo_any = [ex for ex in questions if self._todo(block, ex)]
+        if not todo_any:
+            return
+        info = block["info"]
+        info.update({"pooled_examples": len(pool_examples), "passages": len(passages), "chunks": len(chunks)})
+        if any(m in _RETRIEVAL_MODES for m in c.modes):
+            info["index_seconds"] = self._index(chunks)
+        if any(m in _MEMORY_MODES for m in c.modes):
+            info.update(self._pooled_memory(context, len(pool_examples)))
+        save_results(results, self.predictions_path)
+        for i, ex in enumerate(todo_any):
+            for mode in self._todo(block, ex):
+                block["predictions"][mode][ex.id] = self._run_mode(mode, ex, chunks, context, {})
+            save_results(results, self.predictions_path)
+            if progress:
+                progress(f"pooled {i + 1}/{len(todo_any)} {ex.id}")
+
+    def _pooled_memory(self, context: str, n_examples: int) -> dict[str, Any]:
+        """Memorize the pooled corpus once; save it under the output folder and reload it on resume."""
+        from memorag_core.memory.config import stable_hash
+
+        memory = self.pipeline.memory
+        memory.config.ratio = self.config.pooled_ratio
+        key = stable_hash({"memory": memory.config.fingerprint_dict(), "text": stable_hash(context)})[:16]
+        path = self.out_dir / "pooled_memory" / key
+        memory.reset()
+        t = time.perf_counter()
+        if path.exists():
+            memory.load(str(path))
+            action = "loaded"
+        else:
+            memory.memorize(context)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            memory.save(str(path))
+            action = "memorized"
+        seconds = time.perf_counter() - t
+        stats = memory.stats.to_dict() if hasattr(memory.stats, "to_dict") else dict(vars(memory.stats))
+        logger.info("pooled memory %s in %.1f s: %s", action, seconds, stats)
+        return {"memory_action": action, "memory_seconds_this_session": seconds, "memory_stats": stats,
+                "memory_tokens": self.count_tokens(context), "memory_path": str(path),
+                "memory_ratio": self.config.pooled_ratio}
+
+    def _index(self, chunks: list[EvalChunk]) -> float:
+        t = time.perf_counter()
+        self.pipeline.index_corpus([ch.text for ch in chunks])
+        return time.perf_counter() - t
+
+    # -- one mode on one example --------------------------------------------------------------------------------
+    def _run_mode(self, mode: str, ex: EvalExample, chunks: list[EvalChunk], context: str,
+                  pre: dict[str, float]) -> dict[str, Any]:
+        c = self.config
+        record: dict[str, Any] = {"question": ex.question, "answers": list(ex.answers),
+                                  "supporting_titles": list(ex.supporting_titles), "task": ex.task, "meta": ex.meta}
+        seconds: dict[str, float] = {}
+        generated = 0
+        if mode == "full":
+            n = self.count_tokens(context)
+            limit = self._full_context_limit()
+            if n > limit:
+                record.update(skipped=True, reason=f"context of {n} tokens exceeds the generator budget of {limit}")
+                return record
+            evidence = [context]
+            record["evidence_chunk_ids"] = None
+        else:
+            if "index" in pre:
+                seconds["index"] = pre["index"]
+            queries = [ex.question]
+            draft = None
+            if mode in _MEMORY_MODES:
+                if "memorize" in pre:
+                    seconds["memorize"] = pre["memorize"]
+                t = time.perf_counter()
+                clues = self.pipeline.clues(ex.question, use_memory_answer=(mode == "memorag_draft"),
+                                            max_new_tokens=c.clue_max_new_tokens)
+                seconds["clues"] = time.perf_counter() - t
+                queries = list(clues.retrieval_queries) or [ex.question]
+                draft = clues.draft_answer
+                record["clues"] = {"spans": list(clues.spans), "surrogates": list(clues.surrogates),
+                                   "draft_answer": draft}
+                generated += sum(self.count_tokens(s) for s in [*clues.spans, *clues.surrogates, draft or ""])
+            record["retrieval_queries"] = queries
+            t = time.perf_counter()
+            hits = self.pipeline.retrieve(queries, hits=c.hits)
+            seconds["retrieve"] = time.perf_counter() - t
+            evidence_ids, topk_ids = self._rank_hits(hits, chunks)
+            evidence = [chunks[i].text for i in evidence_ids]
+            if draft:
+                evidence.append(f"The answer might be {draft}.")
+            record["evidence_chunk_ids"] = evidence_ids
+            record["evidence_titles"] = [chunks[i].title for i in evidence_ids]
+            record["recall_at_k"] = evidence_recall([chunks[i].title for i in topk_ids], ex.supporting_titles)
+            record["recall_evidence"] = evidence_recall(record["evidence_titles"], ex.supporting_titles)
+        t = time.perf_counter()
+        prediction = self.pipeline.answer_from_evidence(ex.question, evidence, max_new_tokens=c.answer_max_new_tokens)
+        seconds["generate"] = time.perf_counter() - t
+        generated += self.count_tokens(prediction)
+        record["prediction"] = prediction
+        record["scores"] = self._score(prediction, ex)
+        record["seconds"] = seconds
+        record["tokens_read"] = self.count_tokens(ex.question) + sum(self.count_tokens(e) for e in evidence)
+        record["tokens_generated"] = generated
+        return record
+
+    def _rank_hits(self, hits: list[Any], chunks: list[EvalChunk]) -> tuple[list[int], list[int]]:
+        """Map hits to chunk indices: (all distinct chunks in retrieval order, the top ``hits`` by best score)."""
+        by_text = {ch.text: i for i, ch in enumerate(chunks)}
+        best: dict[int, float] = {}
+        order: list[int] = []
+        for h in hits:
+            idx = h.chunk_id if (isinstance(h.chunk_id, int) and 0 <= h.chunk_id < len(chunks)
+                                 and chunks[h.chunk_id].text == h.text) else by_text.get(h.text)
+            if idx is None:
+                raise InvalidInputError(f"retrieved chunk {h.chunk_id!r} is not one of the indexed evaluation chunks")
+            if idx not in best:
+                order.append(idx)
+                best[idx] = float(h.score)
+            else:
+                best[idx] = max(best[idx], float(h.score))
+        topk = sorted(best, key=lambda i: -best[i])[: self.config.hits]
+        return order, topk
+
+    @staticmethod
+    def _score(prediction: str, ex: EvalExample) -> dict[str, float]:
+        if ex.task == "summary":
+            return {"rouge_l": best_over_references(METRICS["rouge_l"], prediction, ex.answers)}
+        return {name: best_over_references(METRICS[name], prediction, ex.answers) for name in ("f1", "em")}
+
+    def _notes(self, results: dict[str, Any]) -> list[str]:
+        notes = []
+        m = results.get("machine", {})
+        notes.append(f"machine: {m.get('platform')}, {m.get('cpus')} CPUs, GPU {m.get('gpu')}, torch {m.get('torch')}")
+        for setting, block in results["settings"].items():
+            line = f"{setting}: wall time {block.get('wall_seconds', 0.0):.0f} s (summed over resumed sessions)"
+            info = block.get("info") or {}
+            if info:
+                line += "; " + ", ".join(f"{k}={v}" for k, v in info.items() if k != "memory_path")
+            notes.append(line)
+        return notes
