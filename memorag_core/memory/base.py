@@ -1,0 +1,295 @@
+"""The ``Memory`` base class: one interface over every memory kind.
+
+A memory reads text once (``memorize``, ``append``) and keeps a compact state of it; afterwards the model, attending
+to that state, writes clues: ``recall`` (text spans), ``rewrite`` (surrogate questions), ``answer`` (a draft answer)
+and ``summarize`` (key points). Subclasses decide what the state is and how text enters it (``_ingest``), how to
+generate after it (``_generate``) and how it is exported to tensors (``export``/``import_tensors``). Everything
+else (input checks, prompts, language, stats, save/load through the artifact store) lives here, once.
+
+The conversation the model sees, in its chat template::
+
+    [system?] user: <context prompt head> TEXT...(memory)   <context prompt tail>
+              assistant: <ack>
+              user: <task prompt with the question>
+              assistant: -> generated
+
+Only the head and the text are memorized (so ``append`` simply continues the text); the tail, the
+acknowledgement and the task are the per-query prompt, replayed after the memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from memorag_core.errors import InvalidInputError, MemoryNotReadyError
+from memorag_core.memory.config import MemoryConfig, MemoryStats, stable_hash
+from memorag_core.prompts import PromptSet, get_prompts
+
+if TYPE_CHECKING:
+    from memorag_core.store.memory_file import MemoryFileInfo, MemoryTensors
+
+logger = logging.getLogger(__name__)
+
+_TEXT_MARK = "\u2063MEMORAG_TEXT\u2063"
+_TASK_MARK = "\u2063MEMORAG_TASK\u2063"
+
+
+def check_text(text: Any, what: str = "text") -> str:
+    """Return ``text`` as ``str``; bytes must be UTF-8. Raises InvalidInputError naming the problem."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInputError(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    if not isinstance(text, str):
+        raise InvalidInputError(f"{what} must be str or UTF-8 bytes, got {type(text).__name__}")
+    if "\x00" in text:
+        raise InvalidInputError(f"{what} contains NUL bytes: binary data, not text")
+    if not text.strip():
+        raise InvalidInputError(f"{what} is empty")
+    return text
+
+
+class Memory(ABC):
+    """Base class of all memory kinds. Construct through :func:`memorag_core.memory.build_memory`.
+
+    Attributes:
+        config: the validated :class:`MemoryConfig`.
+        model, tokenizer: the memory model (a Hugging Face causal LM) and its tokenizer.
+        prompts: the :class:`PromptSet` in use (chosen from the first memorized text unless configured).
+        stats: :class:`MemoryStats` of what has been memorized.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: MemoryConfig, model: Any = None, tokenizer: Any = None) -> None:
+        self.config = config
+        if model is None:
+            model, tokenizer = self._load_model()
+        elif tokenizer is None:
+            raise InvalidInputError("a memory given a model must also be given its tokenizer")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts: PromptSet | None = None
+        self.stats = MemoryStats()
+        self.reset()
+
+    # -- construction -------------------------------------------------------------------------------------------
+    def _load_model(self) -> tuple[Any, Any]:
+        from memorag_core.models import load_causal_lm
+
+        return load_causal_lm(self.config.model, self.config.load)
+
+    @property
+    def model_id(self) -> str:
+        """Name of the memory model as configured (``None`` -> the embedded id)."""
+        from memorag_core.models import EMBEDDED_LM
+
+        return self.config.model or EMBEDDED_LM
+
+    @property
+    def model_revision(self) -> str:
+        """The checkpoint's commit hash when it came from the hub, else a hash of its config (never empty)."""
+        rev = getattr(self.model.config, "_commit_hash", None)
+        return rev or stable_hash(self.model.config.to_diff_dict())[:16]
+
+    def fingerprint(self) -> str:
+        """Hash of (model id, model revision, memory kind and config): part of content-addressed unit ids."""
+        return stable_hash({"model": self.model_id, "revision": self.model_revision,
+                            "config": self.config.fingerprint_dict()})[:32]
+
+    # -- state --------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything memorized."""
+        self.stats = MemoryStats()
+        self.prompts = None
+        self._reset_state()
+
+    @property
+    def is_empty(self) -> bool:
+        return self.stats.raw_tokens == 0
+
+    @abstractmethod
+    def _reset_state(self) -> None: ...
+
+    @abstractmethod
+    def _ingest(self, token_ids: list[int], *, is_prefix: bool) -> None:
+        """Read ``token_ids`` into the memory; the prefix (prompt head) is kept uncompressed."""
+
+    @abstractmethod
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, **sampling: Any) -> list[list[int]]:
+        """Generate after the memory for each prompt (token ids); return the new token ids of each."""
+
+    @abstractmethod
+    def _state_nbytes(self) -> int: ...
+
+    @abstractmethod
+    def _state_entries(self) -> int: ...
+
+    # -- prompts ------------------------------------------------------------------------------------------------
+    def _render(self, prompts: PromptSet) -> tuple[str, str, str]:
+        """Split the chat-templated conversation into (memory head, text-to-task middle, task-to-answer tail)."""
+        messages = [
+            {"role": "user", "content": prompts.context.format(context=_TEXT_MARK)},
+            {"role": "assistant", "content": prompts.ack},
+            {"role": "user", "content": _TASK_MARK},
+        ]
+        if getattr(self.tokenizer, "chat_template", None):
+            rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a base model without a chat template: a plain transcript
+            rendered = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
+        head, rest = rendered.split(_TEXT_MARK)
+        middle, tail = rest.split(_TASK_MARK)
+        return head, middle, tail
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def head_ids(self) -> list[int]:
+        """Token ids of the memory's prefix (chat header and the context prompt's head)."""
+        assert self.prompts is not None
+        return self._encode(self._render(self.prompts)[0])
+
+    def task_ids(self, task: str) -> list[int]:
+        """Token ids replayed after the memory for one task prompt (already formatted)."""
+        if self.prompts is None:
+            raise MemoryNotReadyError("nothing is memorized: call memorize(text) or load(url) first")
+        _, middle, tail = self._render(self.prompts)
+        return self._encode(middle + task + tail)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def memorize(self, text: str | bytes) -> MemoryStats:
+        """Forget what was memorized, then read ``text``. Returns the stats. Raises InvalidInputError on bad text."""
+        text = check_text(text)
+        self.reset()
+        return self.append(text)
+
+    def append(self, text: str | bytes) -> MemoryStats:
+        """Read more text after what is memorized, without re-reading it (conversations, new documents).
+
+        The text is tokenized on its own and continues the memorized token stream; to make ``append(a);
+        append(b)`` read exactly like ``memorize(a + b)``, split texts at whitespace boundaries.
+        """
+        text = check_text(text)
+        start = time.perf_counter()
+        if self.is_empty:
+            self._reset_state()
+            self.prompts = get_prompts(self.config.language, text)
+            self._ingest(self.head_ids(), is_prefix=True)
+        ids = self._encode(text)
+        self._ingest(ids, is_prefix=False)
+        self.stats.raw_tokens += len(ids)
+        self.stats.entries = self._state_entries()
+        self.stats.nbytes = self._state_nbytes()
+        self.stats.seconds += time.perf_counter() - start
+        logger.info("memorized %d tokens -> %d entries (%.2fx) in %.1fs", self.stats.raw_tokens,
+                    self.stats.entries, self.stats.compression, self.stats.seconds)
+        return self.stats
+
+    # -- writing clues ------------------------------------------------------------------------------------------
+    def generate(self, instructions: str | list[str], query: str = "", max_new_tokens: int = 256,
+                 **sampling: Any) -> list[str]:
+        """Generate after the memory for each instruction (``{question}`` is filled with ``query``).
+
+        Several instructions are decoded together as one batch. ``sampling`` takes ``temperature``, ``top_p``,
+        ``repetition_penalty`` (default greedy).
+        """
+        if self.is_empty or self.prompts is None:
+            raise MemoryNotReadyError("nothing is memorized: call memorize(text) or load(url) first")
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        if query:
+            query = check_text(query, "query")
+            n = len(self._encode(query))
+            if n > self.config.max_query_tokens:
+                raise InvalidInputError(
+                    f"query is {n} tokens long; the limit is max_query_tokens={self.config.max_query_tokens}")
+        tasks = [inst.format(question=query) if query else inst for inst in instructions]
+        outs = self._generate([self.task_ids(t) for t in tasks], max_new_tokens, **sampling)
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+    def recall(self, query: str, max_new_tokens: int = 128) -> str:
+        """Text spans from the memorized text that help answer ``query`` (one per line)."""
+        return self.generate(self._p().span, query, max_new_tokens)[0]
+
+    def rewrite(self, query: str, max_new_tokens: int = 128) -> str:
+        """Sharper surrogate questions for ``query`` (one per line)."""
+        return self.generate(self._p().surrogate, query, max_new_tokens)[0]
+
+    def answer(self, query: str, max_new_tokens: int = 128) -> str:
+        """A draft answer to ``query`` from memory alone."""
+        return self.generate(self._p().qa, query, max_new_tokens)[0]
+
+    def summarize(self, max_new_tokens: int = 512) -> str:
+        """Key points of the memorized text, one per line."""
+        return self.generate(self._p().key_points, "", max_new_tokens)[0]
+
+    def clue_texts(self, query: str, max_new_tokens: int = 128, with_answer: bool = False) -> dict[str, str]:
+        """Spans, surrogate questions (and optionally a draft answer) for ``query``, decoded as one batch."""
+        p = self._p()
+        names = ["spans", "surrogates"] + (["answer"] if with_answer else [])
+        insts = [p.span, p.surrogate] + ([p.qa] if with_answer else [])
+        return dict(zip(names, self.generate(insts, query, max_new_tokens)))
+
+    def _p(self) -> PromptSet:
+        if self.prompts is None:
+            raise MemoryNotReadyError("nothing is memorized: call memorize(text) or load(url) first")
+        return self.prompts
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def header(self) -> dict:
+        """The JSON header stored with the memory tensors."""
+        return {
+            "kind": self.kind,
+            "model": self.model_id,
+            "model_revision": self.model_revision,
+            "fingerprint": self.fingerprint(),
+            "config": self.config.to_dict(),
+            "language": self.prompts.language if self.prompts else None,
+            "stats": self.stats.to_dict(),
+        }
+
+    def _restore_header(self, header: dict) -> None:
+        """Check a stored header against this memory and restore prompts and stats from it."""
+        from memorag_core.errors import CorruptArtifactError
+        from memorag_core.prompts import PROMPTS
+
+        if header.get("kind") != self.kind:
+            raise CorruptArtifactError(f"memory file holds a {header.get('kind')!r} memory, not {self.kind!r}")
+        if header.get("fingerprint") != self.fingerprint():
+            raise CorruptArtifactError(
+                f"memory file was made by model {header.get('model')!r} (revision {header.get('model_revision')}) "
+                f"with config {header.get('config')}, which differs from this memory's "
+                f"({self.model_id!r}, revision {self.model_revision}); load it with the same model and config")
+        self.prompts = PROMPTS[header["language"]]
+        s = header["stats"]
+        self.stats = MemoryStats(raw_tokens=s["raw_tokens"], entries=s["entries"], nbytes=s["nbytes"],
+                                 seconds=s["seconds"])
+
+    @abstractmethod
+    def export(self) -> "MemoryTensors":
+        """The memory as tensors plus a JSON header (see memorag_core.store.memory_file)."""
+
+    @abstractmethod
+    def import_tensors(self, m: "MemoryTensors") -> None:
+        """Replace the state with exported tensors; raises CorruptArtifactError if they do not fit this model."""
+
+    def save(self, url: str, storage_dtype: str | None = None,
+             storage_options: dict | None = None) -> "MemoryFileInfo":
+        """Write the memory as safetensors (local path or s3:// URL); atomic. Returns size and sha256."""
+        from memorag_core.store.memory_file import save_memory
+
+        if self.is_empty:
+            raise MemoryNotReadyError("nothing is memorized: there is no memory to save")
+        return save_memory(self.export(), url, storage_dtype=storage_dtype, storage_options=storage_options)
+
+    def load(self, url: str, expected_sha256: str | None = None, storage_options: dict | None = None) -> None:
+        """Read a memory written by :meth:`save`; verifies the checksum when given, and the model fingerprint."""
+        from memorag_core.store.memory_file import load_memory
+
+        m = load_memory(url, expected_sha256=expected_sha256, dtype=self.model.dtype,
+                        device=str(self.model.device), storage_options=storage_options)
+        self.import_tensors(m)

@@ -1,0 +1,6 @@
+"""placeholder replaced below"""
+from memorag_core.memory.base import Memory
+
+
+class BeaconMemory(Memory):
+    kind = "beacon"
