@@ -47,3 +47,17 @@ class StoreUnavailableError(ArtifactError, ConnectionError):
 
 class PublishConflictError(ArtifactError):
     """Another publisher replaced a collection's live pointer first; this publish lost and changed nothing live."""
+
+
+class GeneratorEndpointError(MemoRAGError, RuntimeError):
+    """An HTTP generation endpoint failed: unreachable, an error status, or a malformed answer.
+
+    Attributes: ``endpoint`` (the URL called), ``status`` (HTTP status, None when no response came back),
+    ``attempts`` (how many requests were made, retries included).
+    """
+
+    def __init__(self, message: str, *, endpoint: str, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+        self.attempts = attempts
