@@ -85,10 +85,12 @@ class VectorIndex:
         import faiss
 
         metric = self._faiss_metric()
+        # IndexFlatIP/IndexFlatL2 (not IndexFlat(d, metric)): deserialized indexes come back as these types, and
+        # FAISS only merges indexes of the same C++ type.
+        flat_cls = faiss.IndexFlatL2 if self.config.metric == "l2" else faiss.IndexFlatIP
         if self.config.kind == "flat":
-            flat = faiss.IndexFlat(self.dim, metric)
-            return faiss.IndexIDMap2(flat)
-        quantizer = faiss.IndexFlat(self.dim, metric)
+            return faiss.IndexIDMap2(flat_cls(self.dim))
+        quantizer = flat_cls(self.dim)
         index = faiss.IndexIVFFlat(quantizer, self.dim, self.config.nlist, metric)
         index.own_fields = True
         quantizer.this.disown()  # the IVF index owns (and frees) its quantizer
