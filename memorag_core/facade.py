@@ -1,0 +1,357 @@
+"""The single-process MemoRAG facade, with upstream's API (``MemoRAG``, ``MemoRAGLite``, ``Memory``).
+
+``MemoRAG`` joins a memory (clues), a dense retriever over the chunked context (evidence) and a generator
+(answer). Building (``memorize``) and answering (``__call__`` and the stage methods ``clues``, ``retrieve``,
+``answer_from_evidence``) are separate steps joined by a saved bundle (``save_dir``, local or ``s3://``), so a
+memory built once can be loaded by many processes.
+
+Decisions, where upstream keyed behaviour on model names:
+
+* The memory kind is never guessed from a model's *name*. It is ``memory_config.kind`` when given; otherwise
+  ``beacon`` when the checkpoint's ``config.json`` declares a ``beacon_ratio`` (MemoRAG's released memory models
+  do), else ``compressed_kv`` with ``ratio=beacon_ratio``. The choice is logged.
+* No silent 4-bit quantization, no prompt or chunk-size switch by name; the prompt language is detected from the
+  memorized text (or configured).
+* ``__call__`` takes ``query`` first, then ``context`` (as upstream's Lite class does and as the project issue
+  specifies); upstream's README passes both by keyword, which works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from memorag_core.errors import InvalidInputError, MemoryNotReadyError
+from memorag_core.memory import Memory as MemoryBase
+from memorag_core.memory import MemoryConfig, build_memory, check_text
+from memorag_core.models import LoadOptions
+
+logger = logging.getLogger(__name__)
+
+TASK_TYPES = ("qa", "memorag", "summarize")
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|[(（]?\d+[)）])\s*")
+
+
+@dataclass
+class Clues:
+    """What the memory wrote for one query.
+
+    Attributes:
+        spans: recalled text spans (one per line of the recall output, bullets stripped).
+        surrogates: surrogate questions.
+        draft_answer: the memory's own answer (only with ``use_memory_answer``).
+        retrieval_queries: the queries sent to the retriever: informative clue lines, the draft answer, the query.
+        seconds: wall time spent writing the clues.
+    """
+
+    spans: list[str]
+    surrogates: list[str]
+    draft_answer: str | None
+    retrieval_queries: list[str]
+    seconds: float
+
+
+@dataclass
+class MemorizeReport:
+    """Sizes and timings of one ``memorize`` (memory stats plus the retrieval corpus)."""
+
+    memory: dict
+    chunks: int
+    seconds: float
+    saved_to: str | None = None
+    manifest: dict | None = field(default=None, repr=False)
+
+
+def split_clue_lines(text: str, language: str) -> list[str]:
+    """Clue output -> informative lines: bullets/numbers stripped; > 3 words (en) or > 3 characters (zh)."""
+    lines = [_BULLET.sub("", line).strip() for line in text.splitlines()]
+    if language == "zh":
+        return [line for line in lines if len(line) > 3]
+    return [line for line in lines if len(line.split()) > 3]
+
+
+def _detect_memory_kind(model: str | None, options: LoadOptions) -> str:
+    """``beacon`` when the checkpoint's config declares ``beacon_ratio``, else ``compressed_kv`` (logged)."""
+    if model is None:
+        return "compressed_kv"
+    config_file = Path(model).expanduser() / "config.json"
+    try:
+        if config_file.exists():
+            cfg = json.loads(config_file.read_text())
+        else:  # a hub id: the config is small, and comes from the local HF cache when offline
+            from huggingface_hub import hf_hub_download
+
+            cfg = json.loads(Path(hf_hub_download(model, "config.json", cache_dir=options.cache_dir,
+                                                  token=options.access_token)).read_text())
+    except Exception as exc:  # noqa: BLE001 - loading the model will raise the real, named error
+        logger.info("could not read %s's config to pick the memory kind (%s); using compressed_kv", model, exc)
+        return "compressed_kv"
+    kind = "beacon" if "beacon_ratio" in cfg else "compressed_kv"
+    logger.info("memory kind for %s: %s (%s)", model, kind,
+                "its config declares beacon_ratio" if kind == "beacon" else "no beacon_ratio in its config")
+    return kind
+
+
+def Memory(model_name_or_path: str | None = None, cache_dir: str | None = None, access_token: str | None = None,
+           beacon_ratio: int | None = 4, load_in_4bit: bool = False, enable_flash_attn: bool = False,
+           **config: Any) -> MemoryBase:
+    """Upstream-compatible constructor of a memory: ``Memory(model).memorize(text)``, then ``recall``,
+    ``rewrite``, ``answer``, ``summarize``, ``save``, ``load``. Extra keyword arguments go to
+    :class:`MemoryConfig` (e.g. ``kind=``, ``window=``, ``positions=``)."""
+    options = LoadOptions(cache_dir=cache_dir, access_token=access_token, load_in_4bit=load_in_4bit,
+                          enable_flash_attn=enable_flash_attn)
+    kind = config.pop("kind", None) or _detect_memory_kind(model_name_or_path, options)
+    ratio = config.pop("ratio", None) or (1 if kind == "full_kv" else (beacon_ratio or 4))
+    return build_memory(MemoryConfig(kind=kind, model=model_name_or_path, ratio=ratio,
+                                     load=LoadOptions(**{**options.__dict__, "trust_remote_code": kind == "beacon"}),
+                                     **config))
+
+
+class MemoRAG:
+    """Memory-augmented RAG on one machine (upstream-compatible constructor and calls).
+
+    Args:
+        mem_model_name_or_path: memory model (folder or hub id); None = embedded SmolLM2-135M-Instruct.
+        ret_model_name_or_path: embedder (folder or hub id); None = embedded all-MiniLM-L6-v2.
+        gen_model_name_or_path: generator spec (``hf:``/``vllm:``/``openai:`` prefixes or a path); None = the
+            memory model itself, unless ``customized_gen_model`` or ``generator`` is given.
+        customized_gen_model: any object with ``generate(prompt, max_new_tokens) -> list[str]`` (e.g. ``Agent``).
+        ret_hit: retrieved chunks per retrieval query (upstream default 3).
+        retrieval_chunk_size: tokens per retrieval chunk (default 512).
+        cache_dir, access_token, load_in_4bit, enable_flash_attn: model loading, as upstream.
+        beacon_ratio: compression ratio of the memory (upstream's name).
+        memory_config: full memory configuration (overrides the memory arguments above).
+        generator: a ready :class:`~memorag_core.generators.Generator` (overrides the generator arguments).
+        embedder_config, index_config: retrieval configuration (see memorag_core.retrieval).
+        clue_max_new_tokens: most tokens per clue (spans, surrogates, draft answer).
+    """
+
+    def __init__(self, mem_model_name_or_path: str | None = None, ret_model_name_or_path: str | None = None,
+                 gen_model_name_or_path: str | None = None, customized_gen_model: Any = None, ret_hit: int = 3,
+                 retrieval_chunk_size: int = 512, cache_dir: str | None = None, access_token: str | None = None,
+                 beacon_ratio: int = 4, load_in_4bit: bool = False, enable_flash_attn: bool = False, *,
+                 memory_config: MemoryConfig | None = None, generator: Any = None, embedder_config: Any = None,
+                 index_config: Any = None, clue_max_new_tokens: int = 128) -> None:
+        from memorag_core.generators import HFGenerator, load_generator
+        from memorag_core.retrieval import DenseRetriever, EmbedderConfig, IndexConfig, load_embedder
+        from memorag_core.retrieval.chunker import TokenChunker
+
+        if ret_hit < 1 or retrieval_chunk_size < 16:
+            raise InvalidInputError(f"ret_hit must be >= 1 and retrieval_chunk_size >= 16, got {ret_hit}, "
+                                    f"{retrieval_chunk_size}")
+        options = LoadOptions(cache_dir=cache_dir, access_token=access_token, load_in_4bit=load_in_4bit,
+                              enable_flash_attn=enable_flash_attn)
+        if memory_config is None:
+            kind = _detect_memory_kind(mem_model_name_or_path, options)
+            memory_config = MemoryConfig(kind=kind, model=mem_model_name_or_path, ratio=beacon_ratio,
+                                         load=LoadOptions(**{**options.__dict__, "trust_remote_code": kind == "beacon"}))
+        self.memory: MemoryBase = build_memory(memory_config)
+        if generator is not None:
+            self.generator = load_generator(generator)
+        elif gen_model_name_or_path:
+            self.generator = load_generator(gen_model_name_or_path, options)
+        elif customized_gen_model is not None:
+            self.generator = load_generator(customized_gen_model)
+        else:
+            self.generator = HFGenerator.from_model(self.memory.model, self.memory.tokenizer)
+        if embedder_config is None:
+            embedder_config = EmbedderConfig(model=ret_model_name_or_path)
+        self.embedder = load_embedder(embedder_config)
+        self.index_config = index_config or IndexConfig()
+        self.retriever = DenseRetriever(self.embedder, self.index_config, hits=ret_hit)
+        self.chunker = TokenChunker(self.memory.tokenizer, chunk_size=retrieval_chunk_size)
+        self.ret_hit = ret_hit
+        self.retrieval_chunk_size = retrieval_chunk_size
+        self.clue_max_new_tokens = clue_max_new_tokens
+        self._manifest: dict | None = None
+
+    # -- building -----------------------------------------------------------------------------------------------
+    @property
+    def prompts(self):
+        """The prompt set of the memorized text (English before anything is memorized)."""
+        from memorag_core.prompts import EN
+
+        return self.memory.prompts or EN
+
+    @property
+    def is_ready(self) -> bool:
+        return not self.memory.is_empty and len(self.retriever.corpus) > 0
+
+    def index_corpus(self, context_or_chunks: str | list[str]) -> int:
+        """Chunk (when given one text) and embed into a fresh retrieval index. Returns the number of chunks."""
+        if isinstance(context_or_chunks, str):
+            chunks = [c.text for c in self.chunker.split(check_text(context_or_chunks, "context"))]
+        else:
+            chunks = [check_text(c, "chunk") for c in context_or_chunks]
+        self.retriever.remove_all()
+        self.retriever.add(chunks)
+        return len(chunks)
+
+    def memorize(self, context: str | bytes, save_dir: str | None = None, print_stats: bool = False,
+                 storage_dtype: str | None = None, storage_options: dict | None = None) -> MemorizeReport:
+        """Read ``context`` into the memory and index its chunks; optionally save both to ``save_dir``.
+
+        ``save_dir`` is a local folder or an ``s3://`` URL; the bundle's manifest is written last, so a crash
+        leaves the previous bundle there loadable. ``print_stats`` prints sizes read back from the manifest.
+        """
+        start = time.perf_counter()
+        context = check_text(context, "context")
+        stats = self.memory.memorize(context)
+        n_chunks = self.index_corpus(context)
+        report = MemorizeReport(memory=stats.to_dict(), chunks=n_chunks, seconds=time.perf_counter() - start)
+        if save_dir:
+            report.manifest = self.save(save_dir, storage_dtype=storage_dtype, storage_options=storage_options)
+            report.saved_to = save_dir
+        if print_stats:
+            self._print_stats(report.manifest)
+        return report
+
+    def save(self, save_dir: str, storage_dtype: str | None = None, storage_options: dict | None = None) -> dict:
+        """Write memory (safetensors), chunks (Parquet) and index (FAISS bytes) as one bundle; returns its manifest."""
+        import pyarrow as pa
+
+        from memorag_core.store.bundle import Bundle
+
+        if not self.is_ready:
+            raise MemoryNotReadyError("nothing is memorized: there is nothing to save")
+        bundle = Bundle(save_dir, storage_options)
+        bundle.write_memory("memory.safetensors", self.memory.export(), storage_dtype=storage_dtype)
+        bundle.write_table("chunks.parquet", pa.table({"text": pa.array(self.retriever.corpus, pa.string())}))
+        bundle.write_bytes("index.faiss", self.retriever.index_bytes())
+        self._manifest = bundle.commit({
+            "kind": "memorag-bundle",
+            "memory": {"kind": self.memory.kind, "model": self.memory.model_id,
+                       "revision": self.memory.model_revision, "stats": self.memory.stats.to_dict()},
+            "retrieval": {"embedder": getattr(self.embedder, "name", None), "chunk_size": self.retrieval_chunk_size,
+                          "chunks": len(self.retriever.corpus), "index": self.index_config.__dict__},
+        })
+        return self._manifest
+
+    def load(self, save_dir: str, print_stats: bool = False, storage_options: dict | None = None) -> dict:
+        """Load a bundle written by :meth:`save` (checksums verified); returns its manifest."""
+        from memorag_core.retrieval import DenseRetriever
+        from memorag_core.store.bundle import Bundle
+
+        bundle = Bundle(save_dir, storage_options)
+        manifest = bundle.read_manifest()
+        m = bundle.read_memory("memory.safetensors", dtype=self.memory.model.dtype,
+                               device=str(self.memory.model.device))
+        corpus = [str(t) for t in bundle.read_table("chunks.parquet").column("text").to_pylist()]
+        index_bytes = bundle.read_bytes("index.faiss")
+        self.memory.import_tensors(m)
+        self.retriever = DenseRetriever.from_parts(self.embedder, corpus, index_bytes, self.index_config,
+                                                   hits=self.ret_hit)
+        self._manifest = manifest
+        if print_stats:
+            self._print_stats(manifest)
+        return manifest
+
+    def _print_stats(self, manifest: dict | None) -> None:
+        s = self.memory.stats
+        print(f"memory: {s.raw_tokens} tokens -> {s.entries} entries per layer and head "
+              f"(compression {s.compression:.2f}x), {s.seconds:.1f}s ({s.tokens_per_second:.0f} tokens/s)")
+        print(f"retrieval corpus: {len(self.retriever.corpus)} chunks of <= {self.retrieval_chunk_size} tokens")
+        if manifest:
+            for name, entry in sorted(manifest.get("files", {}).items()):
+                print(f"  {name}: {entry['nbytes'] / 2**20:.2f} MiB  sha256 {entry['sha256'][:12]}")
+        else:
+            print(f"memory tensors: {s.nbytes / 2**20:.2f} MiB (not saved)")
+
+    # -- answering ----------------------------------------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if not self.is_ready:
+            raise MemoryNotReadyError("nothing is memorized: call memorize(context) or load(save_dir) first")
+
+    def clues(self, query: str, *, use_memory_answer: bool = False, max_new_tokens: int | None = None) -> Clues:
+        """Spans, surrogate questions (and a draft answer) from the memory, decoded as one batch."""
+        self._require_ready()
+        query = check_text(query, "query")
+        start = time.perf_counter()
+        out = self.memory.clue_texts(query, max_new_tokens or self.clue_max_new_tokens, with_answer=use_memory_answer)
+        lang = self.prompts.language
+        spans, surrogates = split_clue_lines(out["spans"], lang), split_clue_lines(out["surrogates"], lang)
+        draft = out.get("answer") or None
+        queries = spans + surrogates + ([draft] if draft else []) + [query]
+        return Clues(spans, surrogates, draft, list(dict.fromkeys(queries)), time.perf_counter() - start)
+
+    def retrieve(self, queries: list[str] | str, hits: int | None = None):
+        """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``)."""
+        self._require_ready()
+        return self.retriever.search(queries, hits=hits or self.ret_hit)
+
+    def answer_from_evidence(self, query: str | None, evidence: list[str], *, prompt_template: str | None = None,
+                             max_new_tokens: int = 256, task: str = "qa_gen") -> str:
+        """The generator's answer from ``evidence`` (``task`` = ``qa_gen`` or ``sum_gen``)."""
+        return self.generator.generate(self._gen_prompt(query, evidence, prompt_template, task),
+                                       max_new_tokens=max_new_tokens)[0]
+
+    def stream_answer(self, query: str | None, evidence: list[str], *, prompt_template: str | None = None,
+                      max_new_tokens: int = 256, task: str = "qa_gen") -> Iterator[str]:
+        """Like :meth:`answer_from_evidence`, yielding text pieces as the generator produces them."""
+        yield from self.generator.stream(self._gen_prompt(query, evidence, prompt_template, task),
+                                         max_new_tokens=max_new_tokens)
+
+    def _gen_prompt(self, query: str | None, evidence: list[str], prompt_template: str | None, task: str) -> str:
+        knowledge = "\n\n".join(evidence)
+        template = prompt_template or getattr(self.prompts, task)
+        try:
+            return template.format(input=query, context=knowledge) if query else template.format(context=knowledge)
+        except (KeyError, IndexError) as exc:
+            raise InvalidInputError(f"prompt_template has an unknown placeholder {exc}; use {{context}} and "
+                                    "{input}") from None
+
+    def __call__(self, query: str | None = None, context: str | None = None, task_type: str = "memorag",
+                 prompt_template: str | None = None, max_new_tokens: int = 256, reset_each_call: bool = False,
+                 use_memory_answer: bool = False) -> str:
+        """Answer ``query`` (``task_type`` qa | memorag | summarize), memorizing ``context`` first if needed."""
+        if task_type not in TASK_TYPES:
+            raise InvalidInputError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+        if reset_each_call:
+            self.memory.reset()
+            self.retriever.remove_all()
+        if not self.is_ready:
+            if context is None:
+                raise MemoryNotReadyError("nothing is memorized: pass context= or call memorize/load first")
+            self.memorize(context)
+        if task_type != "summarize" and not query:
+            raise InvalidInputError(f"task_type={task_type!r} needs a query")
+        if task_type == "qa":
+            return self.memory.answer(query, max_new_tokens)
+        if task_type == "memorag":
+            clues = self.clues(query, use_memory_answer=use_memory_answer)
+            evidence = [h.text.strip() for h in self.retrieve(clues.retrieval_queries)]
+            if clues.draft_answer:
+                evidence.append(f"The answer might be {clues.draft_answer}.")
+            return self.answer_from_evidence(query, evidence, prompt_template=prompt_template,
+                                             max_new_tokens=max_new_tokens)
+        key_points = self.memory.summarize(max(self.clue_max_new_tokens, 256))
+        queries = split_clue_lines(key_points, self.prompts.language) or [key_points]
+        evidence = [h.text.strip() for h in self.retrieve(queries)]
+        return self.answer_from_evidence(None, evidence, prompt_template=prompt_template,
+                                         max_new_tokens=max_new_tokens, task="sum_gen")
+
+
+class MemoRAGLite(MemoRAG):
+    """Lite mode (upstream ``MemoRAGLite``): one model writes gists, holds the gist memory and answers.
+
+    Args mirror upstream: ``gen_model_name_or_path`` (None = embedded SmolLM2), ``ret_model_name_or_path``,
+    ``customized_gen_model`` (answers only; gists and clues still come from the local model), ``ret_hit``,
+    ``retrieval_chunk_size``, ``cache_dir``, ``access_token``, ``load_in_4bit``, ``enable_flash_attn``.
+    """
+
+    def __init__(self, gen_model_name_or_path: str | None = None, ret_model_name_or_path: str | None = None,
+                 customized_gen_model: Any = None, ret_hit: int = 3, retrieval_chunk_size: int = 512,
+                 cache_dir: str | None = None, access_token: str | None = None, load_in_4bit: bool = False,
+                 enable_flash_attn: bool = False, *, gist_chunk_tokens: int = 2048, **kwargs: Any) -> None:
+        options = LoadOptions(cache_dir=cache_dir, access_token=access_token, load_in_4bit=load_in_4bit,
+                              enable_flash_attn=enable_flash_attn)
+        memory_config = kwargs.pop("memory_config", None) or MemoryConfig(
+            kind="gist", model=gen_model_name_or_path, ratio=1, gist_chunk_tokens=gist_chunk_tokens, load=options)
+        super().__init__(ret_model_name_or_path=ret_model_name_or_path, customized_gen_model=customized_gen_model,
+                         ret_hit=ret_hit, retrieval_chunk_size=retrieval_chunk_size, memory_config=memory_config,
+                         **kwargs)
