@@ -13,6 +13,8 @@ level 1     any other word boundary (whitespace; between two CJK characters, whi
 ==========  =====================================================================================
 
 A single word longer than ``chunk_size`` tokens is the only thing cut inside a word, and then on token boundaries.
+(A single character that alone takes more than ``chunk_size`` tokens, possible only for tiny sizes, stays whole and
+is logged.)
 
 Offsets are character offsets into the source text: ``text[chunk.start:chunk.end] == chunk.text``. Leading and
 trailing whitespace is trimmed from each chunk, so with ``overlap=0`` the gaps between consecutive chunks hold
@@ -171,7 +173,14 @@ class TokenChunker:
             # The global token estimate can be off at the edges: verify on the chunk alone and shrink if needed.
             s, e = self._trim(text, start, end)
             while self.count_tokens(text[s:e]) > self.chunk_size:
-                end = self._shrink(text, start, end, bpos, tok_end)
+                shorter = self._shrink(text, start, end, bpos, tok_end)
+                if shorter >= end:
+                    # One character that alone is more than chunk_size tokens (byte-level BPE can need 3-4
+                    # tokens per CJK character or emoji): it cannot be cut, so it forms an over-long chunk.
+                    logger.warning("the character at %d is %d tokens, more than chunk_size=%d: kept whole",
+                                   s, self.count_tokens(text[s:e]), self.chunk_size)
+                    break
+                end = shorter
                 s, e = self._trim(text, start, end)
             if e > s:
                 chunks.append(Chunk(text=text[s:e], start=s, end=e, index=len(chunks)))

@@ -276,7 +276,11 @@ class HFEmbedder(Embedder):
             raise ModelNotFoundError(f"cannot load the embedding model {path!r}: {exc}") from exc
         self.model.to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
+        # The tokenizer's model_max_length is the usable length (XLM-R style models reserve positions for the
+        # padding offset, so max_position_embeddings overstates it); HF uses a huge sentinel when it is unset.
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if not limit or limit > 1_000_000:
+            limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, int(limit))
         self.query_instruction = query_instruction
         self.batch_size = batch_size
@@ -366,7 +370,9 @@ def _resolve_model_dir(name: str | None, cache_dir: str | None) -> str:
         try:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(path, cache_dir=cache_dir)
+            # Weights for other runtimes (ONNX, TF, Flax, OpenVINO) are not needed and can be gigabytes.
+            return snapshot_download(path, cache_dir=cache_dir, ignore_patterns=[
+                "onnx/*", "*.onnx", "openvino/*", "*.msgpack", "*.h5", "tf_model*", "flax_model*", "rust_model*"])
         except Exception as exc:  # offline, unknown repo, gated
             raise ModelNotFoundError(f"embedding model {name!r} is not a local folder and cannot be fetched from "
                                      f"the hub ({type(exc).__name__}: {exc})") from exc

@@ -143,3 +143,15 @@ def test_slow_tokenizer_rejected():
 def test_single_short_text(smol_tokenizer):
     chunks = TokenChunker(smol_tokenizer, chunk_size=32).split("  Hello there, world.  ")
     assert [(c.text, c.start, c.end) for c in chunks] == [("Hello there, world.", 2, 21)]
+
+
+def test_tiny_size_on_multi_token_characters_terminates(smol_tokenizer):
+    # Each of these CJK characters is 2-3 byte-level tokens: with chunk_size=1 none fits, yet split must end,
+    # keep every character whole and cover the text.
+    text = "你好世界。"
+    chunker = TokenChunker(smol_tokenizer, chunk_size=1)
+    chunks = chunker.split(text)
+    assert "".join(c.text for c in chunks) == text
+    assert all(len(c.text) == 1 for c in chunks)
+    chunks = TokenChunker(smol_tokenizer, chunk_size=3).split(text)
+    _check_layout(text, chunks)
