@@ -196,6 +196,15 @@ class SentenceTransformerEmbedder(Embedder):
                                  normalize_embeddings=False, show_progress_bar=False)  # (b, dim)
 
 
+def _unsupported_st_modules(path: Path) -> list[str]:
+    """sentence-transformers modules in ``path/modules.json`` other than Transformer, Pooling and Normalize."""
+    modules_file = path / "modules.json"
+    if not modules_file.exists():
+        return []
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in json.loads(modules_file.read_text())]
+    return [k for k in kinds if k not in ("Transformer", "Pooling", "Normalize")]
+
+
 def read_folder_pooling(path: str | Path) -> tuple[str | None, str]:
     """The pooling a model folder declares, and where it came from.
 
@@ -256,6 +265,12 @@ class HFEmbedder(Embedder):
             raise InvalidInputError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
         local = Path(path)
         declared, source = read_folder_pooling(local) if local.is_dir() else (None, "not a local folder")
+        extra = _unsupported_st_modules(local)
+        if extra:
+            raise InvalidInputError(
+                f"{path!r} is a sentence-transformers folder with modules {extra} that the hf backend cannot apply "
+                "(it only pools and normalizes); use backend='sentence-transformers'"
+            )
         if pooling == "auto":
             if declared is None:
                 raise InvalidInputError(
@@ -403,6 +418,15 @@ def load_embedder(config: EmbedderConfig | str | None = None) -> Embedder:
     common = dict(device=config.device, max_length=config.max_length, query_instruction=config.query_instruction,
                   batch_size=config.batch_size, cache_dir=config.cache_dir)
     if backend == "sentence-transformers":
+        if not (Path(path) / "modules.json").exists():
+            # sentence-transformers would silently build mean pooling for a plain transformers folder.
+            raise InvalidInputError(f"{config.model!r} ({path}) is not a sentence-transformers folder (no "
+                                    "modules.json); use backend='hf' with pooling='cls' or 'mean'")
+        if config.pooling != "auto":
+            declared, source = read_folder_pooling(path)
+            if declared != config.pooling:
+                raise InvalidInputError(f"pooling={config.pooling!r} conflicts with {declared!r} from {source}; the "
+                                        "sentence-transformers backend uses the folder's pooling (use backend='hf')")
         return SentenceTransformerEmbedder(path, **common)
     if backend == "hf":
         return HFEmbedder(path, pooling=config.pooling, **common)

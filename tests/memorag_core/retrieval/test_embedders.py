@@ -162,3 +162,21 @@ def test_flagembedding_unavailable_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "FlagEmbedding", None)
     with pytest.raises(OptionalDependencyError, match="FlagEmbedding.*transformers 5"):
         load_embedder(EmbedderConfig(backend="flagembedding", model="BAAI/bge-m3"))
+
+
+def test_backend_and_folder_mismatches_are_explained(tmp_path):
+    import json
+
+    plain = build_tiny_encoder(tmp_path / "plain", pooling_file="cls")
+    with pytest.raises(InvalidInputError, match="not a sentence-transformers folder"):
+        load_embedder(EmbedderConfig(model=str(plain), backend="sentence-transformers"))
+    with pytest.raises(InvalidInputError, match="conflicts with 'mean'"):
+        load_embedder(EmbedderConfig(backend="sentence-transformers", pooling="cls"))  # MiniLM folder is mean
+    dense = build_tiny_encoder(tmp_path / "dense", pooling_file="cls")
+    (dense / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]))
+    with pytest.raises(InvalidInputError, match=r"\['Dense'\]"):
+        HFEmbedder(str(dense), device="cpu")
