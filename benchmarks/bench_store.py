@@ -125,7 +125,9 @@ def main(argv=None) -> dict:
             server = MotoServer(Path(tmp) / "moto")
             server.start()
             try:
-                opts = server.storage_options()
+                # moto assembles a GB-sized multipart upload for longer than the fixture's 20 s read timeout
+                opts = server.storage_options(
+                    config_kwargs={"connect_timeout": 5, "read_timeout": 900, "retries": {"max_attempts": 1}})
                 bucket = server.make_bucket()
                 url = f"s3://{bucket}/units/u/memory.safetensors"
                 t0 = time.perf_counter()
