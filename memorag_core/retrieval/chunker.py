@@ -173,7 +173,7 @@ class TokenChunker:
             # The global token estimate can be off at the edges: verify on the chunk alone and shrink if needed.
             s, e = self._trim(text, start, end)
             while self.count_tokens(text[s:e]) > self.chunk_size:
-                shorter = self._shrink(text, start, end, bpos, tok_end)
+                shorter = self._shrink(start, end, bpos, tok_end)
                 if shorter >= end:
                     # One character that alone is more than chunk_size tokens (byte-level BPE can need 3-4
                     # tokens per CJK character or emoji): it cannot be cut, so it forms an over-long chunk.
@@ -237,7 +237,7 @@ class TokenChunker:
                 return pos
         return int(cand_pos[-1])
 
-    def _shrink(self, text, start, end, bpos, tok_end) -> int:
+    def _shrink(self, start: int, end: int, bpos: np.ndarray, tok_end: np.ndarray) -> int:
         """A cut strictly before ``end``: the previous word boundary, else the previous token end."""
         i = bisect.bisect_left(bpos, end) - 1
         if i >= 0 and bpos[i] > start:
