@@ -10,12 +10,15 @@ Backends (``EmbedderConfig.backend``):
   dense output) or ``"mean"`` (masked mean).
 * ``"flagembedding"`` (:class:`FlagEmbeddingEmbedder`): optional; FlagEmbedding 1.4.2 does not import with
   transformers 5.x, so this backend raises :class:`~memorag_core.errors.OptionalDependencyError` saying so.
-* ``"auto"``: sentence-transformers when the folder has ``modules.json``, else hf.
+* ``"auto"``: sentence-transformers when the folder has ``modules.json`` and ``pooling="auto"``, else hf.
 
 Pooling is decided from the model folder, never from the model's name, and the decision is logged: the
 sentence-transformers ``1_Pooling/config.json`` when present, else an explicit ``"pooling"`` entry in the model's
 ``config.json``, else the ``pooling=`` argument; with ``pooling="auto"`` and none of these, loading fails naming
-the folder. An explicit ``pooling=`` argument wins over the folder (and the override is logged).
+the folder. With the hf backend an explicit ``pooling=`` argument wins over the folder (the override is logged);
+the sentence-transformers backend always uses the folder's modules and refuses a conflicting ``pooling=``, a
+folder without ``modules.json`` (it would silently mean-pool), and the hf backend refuses a sentence-transformers
+folder with modules it cannot apply (``Dense`` and the like).
 
 ``is_query=True`` prepends the configured query instruction (BGE v1.5 style, e.g.
 ``"Represent this sentence for searching relevant passages: "``); passages never get it.
