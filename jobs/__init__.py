@@ -1,0 +1,1 @@
+"""Entry points that wire pipeline stages into jobs (memorize, evaluate, ...) and the `memorag` CLI."""

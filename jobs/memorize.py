@@ -1,0 +1,331 @@
+"""The memorize job: corpus -> validated documents -> units -> memories -> chunks + embeddings -> index shards ->
+router -> a new published collection version.
+
+Run it on a cluster with ``ray job submit -- python -m jobs.memorize --corpus s3://... --collection name --store
+s3://...``, or locally (a local Ray is started) with ``memorag memorize --corpus ... --collection ...`` or
+``python -m jobs.memorize ...``. Stages live in :mod:`pipeline`; this module only wires them.
+
+Resumability: unit memories (``units/<unit_id>/``) and per-unit chunk tables (``staging/chunks/<key>/``) are
+content-addressed and written atomically, so a rerun after a kill at any point skips every finished unit; the
+index, router and version files are rebuilt from them (cheap) in a deterministic order, and the published files
+are byte-identical to an uninterrupted run's (only the version id and timestamps differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline.config import (
+    ChunkEmbedConfig,
+    CorpusConfig,
+    IndexStageConfig,
+    MemorizeJobConfig,
+    MemoryStageConfig,
+    PackConfig,
+    RouterConfig,
+    ValidateConfig,
+)
+from pipeline.publish import JobStats, build_manifest
+
+logger = logging.getLogger(__name__)
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _init_ray(config: MemorizeJobConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEMORAG_CACHE", "TOKENIZERS_PARALLELISM"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    kwargs = {} if address else {"num_cpus": config.num_cpus}
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
+
+
+class _KeepRows:
+    """Filter fn: valid rows that are the kept copy of their doc id (duplicates are quarantined)."""
+
+    def __init__(self, kept: dict[str, tuple]):
+        self.kept = kept
+
+    def __call__(self, row: dict) -> bool:
+        if row["reason"]:
+            return False
+        k = self.kept.get(row["doc_id"])
+        return k is None or k == (row["source"], row["position"], row["sha256"])
+
+
+def _quarantine_table(bad: list[dict]):
+    import pyarrow as pa
+
+    from pipeline.validate import reason_code
+
+    bad = sorted(bad, key=lambda r: (r["source"], r["position"], r["doc_id"] or "", r["reason"]))
+    return pa.table({
+        "doc_id": pa.array([r["doc_id"] or None for r in bad], pa.string()),
+        "source": pa.array([f"{r['source']}:{r['position']}" if r["position"] else r["source"] for r in bad]),
+        "reason": pa.array([reason_code(r["reason"]) for r in bad], pa.string()),
+        "detail": pa.array([r["reason"] for r in bad], pa.string()),
+    })
+
+
+def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
+    """Run the memorize job and publish a new version of ``config.collection``; returns the run's statistics.
+
+    Joins the Ray cluster at ``config.ray_address`` / ``RAY_ADDRESS`` or an already initialized Ray, else starts a
+    local one. Raises InvalidInputError for an unreadable corpus or a corpus with no valid document (nothing is
+    published then), and the store's errors when the store fails (the previous version stays live).
+    """
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from memorag_core.errors import InvalidInputError
+    from memorag_core.store import CollectionStore
+    from pipeline.chunk_embed import ChunkEmbedStage
+    from pipeline.index import BuildShard, merge_shards, shard_of, train_index
+    from pipeline.memory_stage import MemoryStage
+    from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
+    from pipeline.read import read_corpus
+    from pipeline.router import ROUTER_INDEX, ROUTER_TABLE, build_router
+    from pipeline.validate import ValidateStage, reason_code
+
+    t0 = time.perf_counter()
+    _init_ray(config)
+    store = CollectionStore(config.store, config.storage_options)
+    writer = store.new_version(config.collection)  # validates the name and reads the live version up front
+    stats = JobStats(collection=config.collection)
+
+    # 1-2. read and validate
+    validated = read_corpus(config.corpus).map_batches(ValidateStage(config.validate_),
+                                                       batch_format="pyarrow").materialize()
+    meta = validated.select_columns(["doc_id", "source", "position", "sha256", "reason"]).take_all()
+    bad = [r for r in meta if r["reason"]]
+    by_id: dict[str, list[tuple]] = {}
+    for r in meta:
+        if not r["reason"]:
+            by_id.setdefault(r["doc_id"], []).append((r["source"], r["position"], r["sha256"]))
+    kept: dict[str, tuple] = {}
+    for doc_id, copies in by_id.items():
+        if len(copies) > 1:
+            copies.sort()
+            kept[doc_id] = copies[0]
+            bad.extend({"doc_id": doc_id, "source": s, "position": p, "reason": f"duplicate doc_id {doc_id!r} "
+                        f"(kept {copies[0][0]}:{copies[0][1]})"} for s, p, _ in copies[1:])
+    stats.documents = len(by_id)
+    stats.quarantined = len(bad)
+    stats.quarantine_reasons = dict(sorted(Counter(reason_code(r["reason"]) for r in bad).items()))
+    logger.info("%d documents valid, %d quarantined %s", stats.documents, stats.quarantined,
+                stats.quarantine_reasons)
+    if not by_id:
+        raise InvalidInputError(f"corpus {config.corpus.url!r} has no valid document ({stats.quarantined} "
+                                f"quarantined: {stats.quarantine_reasons}); nothing was published")
+
+    # 3. pack
+    mem_cfg = config.memory_stage.memory
+    items = validated.filter(_KeepRows(kept)).map_batches(
+        TokenizeSplitStage(mem_cfg.model, config.pack, mem_cfg.load), batch_format="pyarrow").materialize()
+    item_meta = items.select_columns(["doc_id", "part", "n_tokens"]).take_all()
+    plan = plan_units(sorted({(r["doc_id"], r["part"], r["n_tokens"]) for r in item_meta}), config.pack)
+    plan_map = {(p.doc_id, p.part): p.group for p in plan}
+    units = (items.map_batches(AssignGroups(plan_map), batch_format="pyarrow")
+             .groupby("group").map_groups(BuildUnit(config.pack.separator), batch_format="pyarrow"))
+
+    # 4. memory actors, then chunk + embed actors
+    ms, ce = config.memory_stage, config.chunk_embed
+    memorized = units.map_batches(
+        MemoryStage, fn_constructor_args=(ms, config.router, config.store, config.storage_options),
+        compute=ActorPoolStrategy(size=ms.concurrency), batch_size=ms.batch_size, num_cpus=ms.num_cpus,
+        num_gpus=ms.num_gpus, batch_format="pyarrow")
+    embedded = memorized.map_batches(
+        ChunkEmbedStage, fn_constructor_args=(ce, config.store, config.storage_options, mem_cfg.model),
+        compute=ActorPoolStrategy(size=ce.concurrency), batch_size=ce.batch_size, num_cpus=ce.num_cpus,
+        num_gpus=ce.num_gpus, batch_format="pyarrow").materialize()
+    rows = sorted(embedded.drop_columns(["text", "members"]).take_all(), key=lambda r: r["unit_id"])
+    # A unit id repeats only if two groups have the same text (identical documents under different ids).
+    rows = list({r["unit_id"]: r for r in rows}.values())
+    stats.units = len(rows)
+    stats.units_memorized = sum(r["memorized"] for r in rows)
+    stats.units_cached = stats.units - stats.units_memorized
+    stats.tokens = sum(r["n_tokens"] for r in rows)
+    stats.tokens_memorized = sum(r["n_tokens"] for r in rows if r["memorized"])
+    stats.units_embedded = sum(r["embedded"] for r in rows)
+    stats.memory_seconds = sum(r["seconds"] for r in rows)
+    stats.chunks = sum(r["n_chunks"] for r in rows)
+    dim = len(rows[0]["gist_embedding"])
+
+    # 5. index: train once, shards in parallel, merge
+    ic = config.index
+    fs = store.fs
+    n_train = min(ic.train_sample, stats.chunks)
+    trained = train_index(ic, dim, fs, [r["chunks_path"] for r in rows])
+    shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
+    shards = shard_rows.groupby("shard").map_groups(
+        BuildShard(ic, trained, n_train, config.store, config.storage_options), batch_format="pyarrow")
+    shard_bytes: dict[int, bytes] = {}
+    for s in sorted(shards.iter_rows(), key=lambda s: s["shard"]):
+        writer.write_bytes(f"chunks/shard-{s['shard']:05d}.parquet", s["chunks_parquet"])
+        writer.write_bytes(f"units/shard-{s['shard']:05d}.parquet", s["units_parquet"])
+        writer.write_bytes(f"index/shard-{s['shard']:05d}.faiss", s["index_bytes"])
+        shard_bytes[s["shard"]] = s["index_bytes"]
+    if ic.merge:
+        writer.write_bytes("index/merged.faiss", merge_shards(ic, [shard_bytes[k] for k in sorted(shard_bytes)],
+                                                              n_train))
+
+    # 6. router, quarantine, publish
+    table_bytes, index_bytes = build_router(rows, dim)
+    writer.write_bytes(ROUTER_TABLE, table_bytes)
+    writer.write_bytes(ROUTER_INDEX, index_bytes)
+    writer.write_table("quarantine", "quarantine", _quarantine_table(bad))
+    models = {"memory": (rows[0]["model_id"], rows[0]["model_revision"]),
+              "embedder": (ce.embedder or _embedded_embedder(), None)}
+    manifest = build_manifest(
+        config_dump=config.model_dump(mode="json", by_alias=True), unit_rows=rows, models=models,
+        stats={"documents": stats.documents, "quarantined": stats.quarantined,
+               "quarantine_reasons": stats.quarantine_reasons, "units": stats.units, "tokens": stats.tokens,
+               "chunks": stats.chunks, "memory_bytes": sum(int(r["memory_nbytes"]) for r in rows)},
+        extra={"memory_fingerprint": rows[0]["fingerprint"], "dim": dim, "shards": sorted(shard_bytes),
+               "index": {"kind": ic.kind, "metric": ic.metric, "merged": ic.merge, "n_train": n_train},
+               "router": {"gist": config.router.gist}})
+    stats.bytes_written = (sum(f["nbytes"] for f in writer.files.values())
+                           + sum(int(r["memory_nbytes"]) for r in rows if r["memorized"]))
+    stats.version = writer.publish(manifest)
+    stats.seconds = time.perf_counter() - t0
+    logger.info("published %s/%s\n%s", config.collection, stats.version, stats.table())
+    return stats
+
+
+def _embedded_embedder() -> str:
+    from memorag_core.models import EMBEDDED_EMBEDDER
+
+    return EMBEDDED_EMBEDDER
+
+
+class _add_shard:  # noqa: N801 - a batch fn
+    """Batch fn: add the ``shard`` column (hash of the unit id) to embed-stage rows."""
+
+    def __init__(self, shards: int):
+        self.shards = shards
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from pipeline.index import shard_of
+
+        return batch.append_column("shard", pa.array([shard_of(u, self.shards)
+                                                      for u in batch.column("unit_id").to_pylist()], pa.int64()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m jobs.memorize`` / ``memorag memorize``."""
+    p = argparse.ArgumentParser(prog="memorag memorize", description="Memorize a corpus into a collection version.")
+    p.add_argument("--corpus", help="JSONL/Parquet file or folder of .txt/.jsonl/.parquet (local or s3://)")
+    p.add_argument("--collection", help="collection name")
+    p.add_argument("--store", default=os.environ.get("MEMORAG_STORE", "./memorag-store"),
+                   help="store root (local folder or s3://bucket/prefix); default $MEMORAG_STORE or ./memorag-store")
+    p.add_argument("--config", help="JSON file with a MemorizeJobConfig; flags given override it")
+    p.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"], help="corpus format")
+    p.add_argument("--text-column", help="text column / JSON key (default text)")
+    p.add_argument("--id-column", help="doc id column (default doc_id)")
+    p.add_argument("--memory-model", help="memory model folder or hub id (default: embedded SmolLM2)")
+    p.add_argument("--memory-kind", help="compressed_kv | full_kv | beacon | gist")
+    p.add_argument("--ratio", type=int, help="memory compression ratio")
+    p.add_argument("--embedder", help="embedding model folder or hub id (default: embedded MiniLM)")
+    p.add_argument("--unit-tokens", type=int, help="most tokens per memory unit")
+    p.add_argument("--chunk-tokens", type=int, help="most tokens per retrieval chunk")
+    p.add_argument("--max-chars", type=int, help="quarantine documents longer than this")
+    p.add_argument("--actors", type=int, help="memory actors")
+    p.add_argument("--actor-cpus", type=float, help="CPUs per memory actor")
+    p.add_argument("--actor-gpus", type=float, help="GPUs per memory actor (1 on a GPU cluster)")
+    p.add_argument("--embed-actors", type=int, help="embed actors")
+    p.add_argument("--embed-cpus", type=float, help="CPUs per embed actor")
+    p.add_argument("--shards", type=int, help="index shards")
+    p.add_argument("--gist", choices=["summary", "cheap"], help="router gist: memory summary or first chars")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by the job")
+    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// corpus and store")
+    p.add_argument("--stats-json", help="also write the run's statistics as JSON to this local path")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> MemorizeJobConfig:
+    """A validated :class:`MemorizeJobConfig` from parsed flags (and the optional ``--config`` JSON file)."""
+    data: dict = json.loads(Path(args.config).read_text()) if args.config else {}
+
+    def put(path: str, value) -> None:
+        if value is None:
+            return
+        *parents, last = path.split(".")
+        d = data
+        for key in parents:
+            d = d.setdefault(key, {})
+        d[last] = value
+
+    put("corpus.url", args.corpus)
+    put("collection", args.collection)
+    if args.store is not None and ("store" not in data or args.store != build_parser().get_default("store")):
+        put("store", args.store)
+    put("corpus.format", args.format)
+    put("corpus.text_column", args.text_column)
+    put("corpus.id_column", args.id_column)
+    put("memory_stage.memory.model", args.memory_model)
+    put("memory_stage.memory.kind", args.memory_kind)
+    put("memory_stage.memory.ratio", args.ratio)
+    put("chunk_embed.embedder", args.embedder)
+    put("pack.unit_tokens", args.unit_tokens)
+    put("chunk_embed.chunk_tokens", args.chunk_tokens)
+    put("validate.max_chars", args.max_chars)
+    put("memory_stage.concurrency", args.actors)
+    put("memory_stage.num_cpus", args.actor_cpus)
+    put("memory_stage.num_gpus", args.actor_gpus)
+    put("chunk_embed.concurrency", args.embed_actors)
+    put("chunk_embed.num_cpus", args.embed_cpus)
+    put("index.shards", args.shards)
+    put("router.gist", args.gist)
+    put("ray_address", args.ray_address)
+    put("num_cpus", args.num_cpus)
+    if args.s3_endpoint:
+        data.setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint
+        data.setdefault("corpus", {}).setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint
+    return MemorizeJobConfig.model_validate(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: parse flags, run the job, print the stats table; returns the exit code (2 on bad input)."""
+    from pydantic import ValidationError
+
+    from memorag_core.errors import MemoRAGError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"memorag memorize: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        stats = run_memorize_job(config)
+    except MemoRAGError as exc:
+        print(f"memorag memorize: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(stats.table())
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(stats.to_dict(), indent=1, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

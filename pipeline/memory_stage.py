@@ -1,0 +1,144 @@
+"""The memory stage: actors that each hold one memory model, memorize units and write them through the store.
+
+:class:`MemoryStage` is a Ray Data callable class, run with ``compute=ray.data.ActorPoolStrategy(size=N)`` and
+``num_gpus=1`` per actor on a GPU cluster (``num_cpus`` fractional on a CPU test machine). Per unit row it:
+
+1. computes the content-addressed ``unit_id`` = ``unit_id_for(memory.fingerprint(), text)``;
+2. if the store already has ``units/<unit_id>/memory.safetensors`` (an earlier or interrupted run wrote it),
+   reads it back only to get its sha256 and stored gist (resume: nothing is recomputed);
+3. otherwise memorizes the text, writes the gist (see below) into the memory header, and writes the file through
+   :meth:`CollectionStore.write_unit_memory` (atomic: a killed actor leaves no partial unit).
+
+Gist (the router's per-unit text), chosen by ``RouterConfig.gist``: ``"summary"`` (default) asks the memory model's
+``summarize()`` right after memorizing, while the memory is in place, and stores it in the memory file's header
+(``header["gist"]``), so a resumed run reads it instead of generating again; ``"cheap"`` is the first
+``gist_chars`` characters of the unit text, computed anywhere, never stored.
+
+Memory files are content-addressed, so their bytes must be a function of (model, config, text) only: the wall
+time that ``Memory.header()`` records in ``stats.seconds`` is zeroed before writing (the time is reported by the
+job's stats instead). Memorizing itself is deterministic on a given machine and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import time
+
+import pyarrow as pa
+
+from pipeline.config import MemoryStageConfig, RouterConfig
+from pipeline.pack import unit_id_for
+
+logger = logging.getLogger(__name__)
+
+MEMORY_OUT_SCHEMA = pa.schema([
+    ("unit_id", pa.string()), ("pack_key", pa.string()), ("text", pa.string()), ("n_tokens", pa.int64()),
+    ("members", pa.string()), ("doc_ids", pa.list_(pa.string())), ("raw_tokens", pa.int64()),
+    ("entries", pa.int64()), ("memory_sha256", pa.string()), ("memory_nbytes", pa.int64()),
+    ("storage_dtype", pa.string()), ("memorized", pa.bool_()), ("seconds", pa.float64()), ("gist", pa.string()),
+    ("fingerprint", pa.string()), ("model_id", pa.string()), ("model_revision", pa.string()),
+])
+
+
+def read_safetensors_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` dict of safetensors bytes (8-byte little-endian header length, then JSON)."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def cheap_gist(text: str, chars: int) -> str:
+    """The first ``chars`` characters of a unit, whitespace collapsed: the 'cheap' router gist."""
+    return " ".join(text[: chars * 2].split())[:chars]
+
+
+class MemoryStage:
+    """Ray Data callable class: unit rows (``pipeline.pack.UNIT_ROW_SCHEMA``) -> ``MEMORY_OUT_SCHEMA`` rows.
+
+    Args:
+        config: memory config and actor resources.
+        router: gist choice.
+        store_url, storage_options: the artifact store (unit memories are shared by every collection in it).
+        storage_dtype: memory file storage (None keeps the tensors' dtype; "int8"/"fp8" quantize).
+    """
+
+    def __init__(self, config: MemoryStageConfig, router: RouterConfig, store_url: str,
+                 storage_options: dict | None = None, storage_dtype: str | None = None):
+        from memorag_core.memory import build_memory
+        from memorag_core.store import CollectionStore
+
+        self.config, self.router, self.storage_dtype = config, router, storage_dtype
+        self.store = CollectionStore(store_url, storage_options)
+        t0 = time.perf_counter()
+        self.memory = build_memory(config.memory)
+        self.fingerprint = self.memory.fingerprint()
+        logger.info("memory actor ready: %s (%s), fingerprint %s, %.1f s", self.memory.model_id, config.memory.kind,
+                    self.fingerprint, time.perf_counter() - t0)
+
+    def _cached(self, unit_id: str) -> tuple[str, int, str | None, dict]:
+        """(sha256, nbytes, stored gist or None, header) of an existing unit memory file."""
+        from memorag_core.store import fs as sfs
+
+        path = self.store.unit_memory_url(unit_id)
+        fs, p = sfs.open_url(path, self.store.storage_options)
+        data = sfs.read_all(fs, p)
+        meta = json.loads(read_safetensors_metadata(data).get("memorag", "{}"))
+        header = meta.get("header", {})
+        return hashlib.sha256(data).hexdigest(), len(data), header.get("gist"), header
+
+    def _gist(self, text: str) -> str:
+        if self.router.gist == "cheap":
+            return cheap_gist(text, self.router.gist_chars)
+        return self.memory.summarize(max_new_tokens=self.router.gist_max_new_tokens).strip()[: self.router.gist_chars
+                                                                                               * 4]
+
+    def _gist_key(self) -> str:
+        return f"summary:{self.router.gist_max_new_tokens}"
+
+    def process(self, row: dict) -> dict:
+        """Memorize (or find) one unit; returns the output row."""
+        text = row["text"]
+        unit_id = unit_id_for(self.fingerprint, text)
+        t0 = time.perf_counter()
+        if self.store.has_unit(unit_id):
+            sha, nbytes, gist, header = self._cached(unit_id)
+            memorized = False
+            stats = header.get("stats", {})
+            raw_tokens, entries = int(stats.get("raw_tokens", 0)), int(stats.get("entries", 0))
+            if self.router.gist == "cheap":
+                gist = cheap_gist(text, self.router.gist_chars)
+            elif gist is None or header.get("gist_key") != self._gist_key():
+                # Written under another gist setting: generate from the stored memory, without rewriting it.
+                self.memory.import_tensors(self.store.read_unit_memory(unit_id, expected_sha256=sha))
+                gist = self._gist(text)
+        else:
+            self.memory.reset()
+            stats = self.memory.memorize(text)
+            raw_tokens, entries = stats.raw_tokens, stats.entries
+            gist = self._gist(text)
+            tensors = self.memory.export()
+            header = dict(tensors.header)
+            if isinstance(header.get("stats"), dict):
+                header["stats"] = {**header["stats"], "seconds": 0.0, "tokens_per_second": 0.0}
+            if self.router.gist == "summary":
+                header["gist"], header["gist_key"] = gist, self._gist_key()
+            tensors.header = header
+            info = self.store.write_unit_memory(unit_id, tensors, storage_dtype=self.storage_dtype)
+            sha, nbytes, memorized = info.sha256, info.nbytes, True
+        seconds = time.perf_counter() - t0
+        logger.info("unit %s: %s, %d tokens, %.2f s", unit_id[:12], "memorized" if memorized else "cached",
+                    raw_tokens, seconds)
+        return {
+            "unit_id": unit_id, "pack_key": row["pack_key"], "text": text, "n_tokens": row["n_tokens"],
+            "members": row["members"], "doc_ids": list(row["doc_ids"]), "raw_tokens": raw_tokens,
+            "entries": entries, "memory_sha256": sha, "memory_nbytes": nbytes,
+            "storage_dtype": self.storage_dtype or "keep", "memorized": memorized, "seconds": seconds,
+            "gist": gist, "fingerprint": self.fingerprint, "model_id": self.memory.model_id,
+            "model_revision": self.memory.model_revision,
+        }
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.process(r) for r in batch.to_pylist()]
+        return pa.Table.from_pylist(rows, schema=MEMORY_OUT_SCHEMA)
