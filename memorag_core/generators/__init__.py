@@ -43,6 +43,18 @@ __all__ = [
 ]
 
 
+def _vllm_options(options: LoadOptions) -> dict[str, Any]:
+    """The LoadOptions that have a vLLM engine argument (dtype, remote code, download folder)."""
+    kwargs: dict[str, Any] = {}
+    if options.dtype != "auto":
+        kwargs["dtype"] = options.dtype
+    if options.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if options.cache_dir:
+        kwargs["download_dir"] = options.cache_dir
+    return kwargs
+
+
 def load_generator(spec: str | None | Generator | object, options: LoadOptions = LoadOptions(), *,
                    generation: GenerationConfig | None = None, **backend_kwargs: Any) -> Generator:
     """Build a generator from a spec.
@@ -59,7 +71,8 @@ def load_generator(spec: str | None | Generator | object, options: LoadOptions =
 
     Args:
         spec: one of the forms above.
-        options: load options for the transformers backend.
+        options: load options for the transformers backend; for vLLM, dtype, trust_remote_code and cache_dir
+            (as ``download_dir``) are passed on.
         generation: default sampling settings of the new generator.
         backend_kwargs: extra constructor arguments of the chosen backend (``batch_size``, ``max_model_len``,
             ``api_key``, ...).
@@ -84,7 +97,7 @@ def load_generator(spec: str | None | Generator | object, options: LoadOptions =
             return HFGenerator(rest or None, options, generation=generation, **backend_kwargs)
         if sep and scheme == "vllm":
             logger.info("generator: vLLM %s", rest or "(embedded)")
-            return VLLMGenerator(rest or None, generation=generation, **backend_kwargs)
+            return VLLMGenerator(rest or None, generation=generation, **{**_vllm_options(options), **backend_kwargs})
         if sep and scheme == "openai":
             model, at, base_url = rest.partition("@")
             if not model:

@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any
 
-from memorag_core.errors import OptionalDependencyError
+from memorag_core.errors import InvalidInputError, OptionalDependencyError
 from memorag_core.generators.base import GenerationConfig, Generator
 from memorag_core.models import resolve_lm
 
@@ -107,8 +107,16 @@ class VLLMGenerator(Generator):
     def _generate(self, prompts: list[str], config: GenerationConfig) -> list[str]:
         from vllm.inputs import TokensPrompt
 
+        try:
+            from vllm.exceptions import VLLMClientError as rejected
+        except ImportError:  # older vLLM validates with plain ValueError
+            rejected = ValueError
+
         requests = [TokensPrompt(prompt_token_ids=self.prompt_token_ids(p)) for p in prompts]
-        outputs = self.llm.generate(requests, self.sampling_params(config), use_tqdm=False)
+        try:
+            outputs = self.llm.generate(requests, self.sampling_params(config), use_tqdm=False)
+        except (ValueError, rejected) as exc:  # request validation, e.g. a prompt over max_model_len
+            raise InvalidInputError(f"vLLM rejected the request for {self.model_path}: {exc}") from exc
         return [o.outputs[0].text for o in outputs]
 
     def close(self) -> None:

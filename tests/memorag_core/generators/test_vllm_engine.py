@@ -11,9 +11,11 @@ import os
 import sys
 
 import pytest
+import torch
 
-from memorag_core.errors import OptionalDependencyError
+from memorag_core.errors import InvalidInputError, OptionalDependencyError
 from memorag_core.generators import GenerationConfig, HFGenerator, VLLMGenerator, load_generator
+from memorag_core.models import LoadOptions
 
 pytest.importorskip("vllm", reason="the optional vLLM engine is not installed")
 
@@ -26,8 +28,10 @@ def vllm_gen(tiny_qwen_dir):
     saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # let the generator apply its CPU default
-    gen = load_generator(f"vllm:{tiny_qwen_dir}", dtype="float32", enforce_eager=True,
-                         distributed_executor_backend="uni", generation=GenerationConfig(max_new_tokens=12))
+    # dtype comes through LoadOptions (load_generator maps it to vLLM's engine argument)
+    gen = load_generator(f"vllm:{tiny_qwen_dir}", LoadOptions(dtype="float32"), enforce_eager=True,
+                         distributed_executor_backend="uni", max_model_len=512,
+                         generation=GenerationConfig(max_new_tokens=12))
     kv_space_set = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
     yield gen, kv_space_set
     gen.close()
@@ -48,6 +52,14 @@ def test_cpu_defaults_applied(vllm_gen):
     gen, kv_space_set = vllm_gen
     assert isinstance(gen, VLLMGenerator)
     assert kv_space_set == "1"
+    assert gen.llm.llm_engine.model_config.dtype == torch.float32
+    assert gen.llm.llm_engine.model_config.max_model_len == 512
+
+
+def test_over_long_prompt_is_a_clear_error(vllm_gen):
+    gen, _ = vllm_gen
+    with pytest.raises(InvalidInputError, match="vLLM rejected the request.*512"):
+        gen.generate("word " * 600)
 
 
 def test_greedy_is_deterministic_nonempty_and_batch_invariant(vllm_gen):
