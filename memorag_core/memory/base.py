@@ -64,6 +64,8 @@ class Memory(ABC):
     """
 
     kind: ClassVar[str]
+    #: show a progress bar while reading long texts (the CLI turns it on)
+    show_progress: bool = False
 
     def __init__(self, config: MemoryConfig, model: Any = None, tokenizer: Any = None) -> None:
         self.config = config

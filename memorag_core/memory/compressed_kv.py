@@ -73,8 +73,12 @@ class CompressedKVMemory(Memory):
 
     # -- reading ------------------------------------------------------------------------------------------------
     def _ingest(self, token_ids: list[int], *, is_prefix: bool) -> None:
+        from tqdm.auto import tqdm
+
         window = self.config.window
-        for start in range(0, len(token_ids), window):
+        starts = range(0, len(token_ids), window)
+        bar = tqdm(starts, desc="memorizing", unit="window", disable=is_prefix or not self.show_progress)
+        for start in bar:
             self._read_window(token_ids[start:start + window], compress=not is_prefix and self.config.ratio > 1)
 
     @torch.no_grad()

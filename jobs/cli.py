@@ -1,0 +1,151 @@
+"""The ``memorag`` command.
+
+* ``memorag memorize PATH --save-dir DIR``: one process, no Ray: memorize a text file (or a folder of .txt files)
+  into a bundle (memory + chunks + index) at DIR (local folder or ``s3://``), with a progress bar and stats.
+* ``memorag ask "QUESTION" --from DIR``: answer from a saved bundle (``--task qa|memorag|summarize``).
+* ``memorag memorize --corpus URL --collection NAME ...``: the corpus-scale Ray Data job (``jobs.memorize``),
+  on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
+* ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="MemoRAG: memory-augmented retrieval-augmented generation.")
+
+
+def read_context(path: Path) -> str:
+    """The text of one file, or of every .txt file under a folder (sorted, each headed by its relative name)."""
+    from memorag_core.errors import InvalidInputError
+    from memorag_core.memory import check_text
+
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise InvalidInputError(f"folder {path} holds no .txt files")
+        parts = [f"## {f.relative_to(path)}\n\n{check_text(f.read_bytes(), str(f))}" for f in files]
+        return "\n\n".join(parts)
+    if not path.exists():
+        raise InvalidInputError(f"{path} does not exist")
+    return check_text(path.read_bytes(), str(path))
+
+
+def _pipeline(mem_model: Optional[str], embedder: Optional[str], generator: Optional[str], ratio: int, window: int,
+              kind: str, positions: str, hits: int, chunk_size: int):
+    from memorag_core.facade import MemoRAG
+    from memorag_core.memory import MemoryConfig
+
+    config = MemoryConfig(kind=kind, model=mem_model, ratio=1 if kind == "full_kv" else ratio, window=window,
+                          positions=positions)
+    pipe = MemoRAG(ret_model_name_or_path=embedder, gen_model_name_or_path=generator, ret_hit=hits,
+                   retrieval_chunk_size=chunk_size, memory_config=config)
+    pipe.memory.show_progress = True
+    return pipe
+
+
+@app.command()
+def memorize(
+    path: Path = typer.Argument(..., help="a text file, or a folder of .txt files"),
+    save_dir: str = typer.Option(..., "--save-dir", "-o", help="bundle folder: local path or s3://bucket/prefix"),
+    model: Optional[str] = typer.Option(None, help="memory model folder or hub id (default: embedded SmolLM2)"),
+    embedder: Optional[str] = typer.Option(None, help="embedder folder or hub id (default: embedded MiniLM)"),
+    kind: str = typer.Option("compressed_kv", help="memory kind: compressed_kv | full_kv | gist | beacon"),
+    ratio: int = typer.Option(4, help="compression ratio (window tokens per kept entry)"),
+    window: int = typer.Option(1024, help="tokens per prefill window"),
+    positions: str = typer.Option("compact", help="compact | original"),
+    chunk_size: int = typer.Option(512, help="retrieval chunk size in tokens"),
+    max_chars: Optional[int] = typer.Option(None, help="read only the first N characters (quick trials)"),
+    storage_dtype: Optional[str] = typer.Option(None, help="store K/V as int8 or fp8 (default: keep dtype)"),
+) -> None:
+    """Memorize a text (or a folder of texts) into a bundle: memory, chunks and index."""
+    text = read_context(path)
+    if max_chars:
+        text = text[:max_chars]
+    pipe = _pipeline(model, embedder, None, ratio, window, kind, positions, 3, chunk_size)
+    start = time.perf_counter()
+    pipe.memorize(text, save_dir=save_dir, print_stats=True, storage_dtype=storage_dtype)
+    typer.echo(f"saved to {save_dir} in {time.perf_counter() - start:.1f}s")
+
+
+@app.command()
+def ask(
+    question: Optional[str] = typer.Argument(None, help="the question (omit with --task summarize)"),
+    from_dir: str = typer.Option(..., "--from", help="bundle written by `memorag memorize`"),
+    task: str = typer.Option("memorag", help="qa (memory only) | memorag (clues + retrieval) | summarize"),
+    model: Optional[str] = typer.Option(None, help="memory model used to memorize (default: embedded)"),
+    embedder: Optional[str] = typer.Option(None, help="embedder used to memorize (default: embedded)"),
+    generator: Optional[str] = typer.Option(None, help="generator spec: path, hf:ID, vllm:ID, openai:MODEL@URL"),
+    kind: str = typer.Option("compressed_kv", help="memory kind used to memorize"),
+    ratio: int = typer.Option(4, help="ratio used to memorize"),
+    window: int = typer.Option(1024, help="window used to memorize"),
+    positions: str = typer.Option("compact", help="positions used to memorize"),
+    hits: int = typer.Option(3, help="retrieved chunks per clue"),
+    max_new_tokens: int = typer.Option(128, help="most tokens in the answer"),
+    use_memory_answer: bool = typer.Option(False, help="add the memory's draft answer to the evidence"),
+    show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
+) -> None:
+    """Answer a question from a saved bundle."""
+    pipe = _pipeline(model, embedder, generator, ratio, window, kind, positions, hits, 512)
+    pipe.load(from_dir)
+    start = time.perf_counter()
+    if task == "memorag":
+        clues = pipe.clues(question, use_memory_answer=use_memory_answer)
+        hits_ = pipe.retrieve(clues.retrieval_queries)
+        if show_clues:
+            typer.echo("clues:")
+            for q in clues.retrieval_queries:
+                typer.echo(f"  - {q}")
+            typer.echo(f"retrieved {len(hits_)} chunks ({clues.seconds:.1f}s for clues)")
+        evidence = [h.text.strip() for h in hits_]
+        if clues.draft_answer:
+            evidence.append(f"The answer might be {clues.draft_answer}.")
+        typer.echo("answer: ", nl=False)
+        for piece in pipe.stream_answer(question, evidence, max_new_tokens=max_new_tokens):
+            typer.echo(piece, nl=False)
+        typer.echo("")
+    else:
+        typer.echo("answer: " + pipe(query=question, task_type=task, max_new_tokens=max_new_tokens))
+    typer.echo(f"({time.perf_counter() - start:.1f}s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: dispatches the Ray job and evaluation to their own parsers, the rest to typer."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "evaluate":
+        from jobs.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:]) or 0
+    if argv and argv[0] == "memorize" and any(a.split("=")[0] in ("--corpus", "--collection") for a in argv[1:]):
+        from jobs.memorize import main as job_main
+
+        return job_main(argv[1:]) or 0
+    from memorag_core.errors import MemoRAGError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except MemoRAGError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
