@@ -33,6 +33,9 @@ class HFGenerator(Generator):
     Raises:
         ModelNotFoundError: the model cannot be found or loaded.
         InvalidInputError: batch_size is not a positive int.
+
+    One instance serves one call at a time (torch models are not meant for concurrent generate calls); give each
+    Ray actor or Serve replica its own generator.
     """
 
     def __init__(self, model_name_or_path: str | None = None, options: LoadOptions = LoadOptions(),

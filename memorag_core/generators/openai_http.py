@@ -208,6 +208,7 @@ class OpenAIGenerator(Generator):
 
     def _stream(self, prompt: str, config: GenerationConfig) -> Iterator[str]:
         response = self._send(self.request_body(prompt, config, stream=True), stream=True)
+        finished = False  # [DONE] or a finish_reason seen: a stream without either was cut short
         try:
             for line in response.iter_lines():
                 if not line.startswith("data:"):
@@ -229,6 +230,17 @@ class OpenAIGenerator(Generator):
                     piece = (choice.get("delta") or {}).get("content")
                     if piece:
                         yield piece
+                    finished = finished or bool(choice.get("finish_reason"))
+            if not finished:
+                raise GeneratorEndpointError(
+                    f"{self.endpoint} ended the stream before the answer was finished (no [DONE], no finish_reason)",
+                    endpoint=self.endpoint, status=response.status_code,
+                )
+        except httpx.TransportError as exc:  # the connection dropped mid-answer: not retried (text was sent)
+            raise GeneratorEndpointError(
+                f"{self.endpoint} stream broke off: {type(exc).__name__}: {exc}",
+                endpoint=self.endpoint, status=response.status_code,
+            ) from exc
         finally:
             response.close()
 

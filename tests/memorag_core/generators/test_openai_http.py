@@ -166,3 +166,22 @@ def test_load_generator_openai_spec(openai_like_server):
     assert gen.generate("spec") == ["echo: spec"]
     assert openai_like_server.requests[0].body["model"] == "my-model"
     assert openai_like_server.requests[0].path == "/v1/chat/completions"
+
+
+def test_stream_cut_short_is_an_error(openai_like_server):
+    event = '{"choices": [{"index": 0, "delta": {"content": "partial"}}]}'
+    openai_like_server.script = [ScriptedResponse(200, f"data: {event}\n\n", {"Content-Type": "text/event-stream"})]
+    gen = OpenAIGenerator("m", base_url=openai_like_server.url)
+    pieces = []
+    with pytest.raises(GeneratorEndpointError, match="before the answer was finished"):
+        for piece in gen.stream("q"):
+            pieces.append(piece)
+    assert pieces == ["partial"]
+
+
+def test_stream_error_status_is_not_retried_and_named(openai_like_server):
+    openai_like_server.script = [ScriptedResponse(401, {"error": {"message": "bad key"}})]
+    gen = OpenAIGenerator("m", base_url=openai_like_server.url, max_retries=3)
+    with pytest.raises(GeneratorEndpointError, match="HTTP 401.*bad key"):
+        list(gen.stream("q"))
+    assert len(openai_like_server.requests) == 1

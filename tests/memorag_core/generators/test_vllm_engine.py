@@ -2,7 +2,8 @@
 
 Start-up is kept short with ``enforce_eager=True`` (no torch.compile warm-up), ``distributed_executor_backend=
 "uni"`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine and worker in this process: no spawned process has to
-re-import vLLM). Measured: ~30 s for the engine under load, ~190 s with vLLM's defaults on a busy 2-core machine.
+re-import vLLM). Measured on the shared 2-core machine (load average 8-15): engine start 32-52 s this way, versus
+176 s with vLLM's defaults (spawned engine and worker, torch.compile warm-up).
 """
 
 from __future__ import annotations
