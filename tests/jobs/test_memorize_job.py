@@ -194,3 +194,34 @@ def test_bad_config_and_cli_flags(tmp_path):
     assert main(["--corpus", "c.jsonl", "--collection", "bad name!", "--store", str(tmp_path)]) == 2
     assert main(["--corpus", str(tmp_path / "missing.jsonl"), "--collection", "x", "--store", str(tmp_path),
                  "--num-cpus", "1"]) == 2 or True
+
+
+def test_ray_job_submit_with_s3_store(ray_head, moto_s3, tmp_path, tiny_lm_dir):
+    """`ray job submit` to the `ray start --head` cluster; corpus and store on the loopback S3 server."""
+    import s3fs
+
+    bucket = moto_s3.make_bucket()
+    opts = {k: v for k, v in moto_s3.storage_options().items() if k != "retries"}
+    fs = s3fs.S3FileSystem(**opts)
+    local = write_jsonl_corpus(tmp_path / "c.jsonl", list(range(8)), long_doc=False)
+    fs.put_file(str(local), f"{bucket}/corpus/c.jsonl")
+    cfg = job_config(f"s3://{bucket}/corpus/c.jsonl", f"s3://{bucket}/store", tiny_lm_dir)
+    data = json.loads(cfg.model_dump_json(by_alias=True))
+    data["storage_options"] = opts
+    data["corpus"]["storage_options"] = opts
+    cfg_file = tmp_path / "job.json"
+    cfg_file.write_text(json.dumps(data))
+    env = dict(ray_head.env, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                                           "TRANSFORMERS_OFFLINE": "1"}})
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.dashboard_url,
+           "--runtime-env-json", runtime_env, "--", sys.executable, "-m", "jobs.memorize",
+           "--config", str(cfg_file)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in (out.stdout + out.stderr)
+    store = CollectionStore(f"s3://{bucket}/store", moto_s3.storage_options())
+    reader = store.open_version("books")
+    assert reader.manifest.stats["documents"] == 8 and reader.manifest.stats["quarantined"] == 3
+    assert all(store.has_unit(u) for u in reader.manifest.units)
+    assert reader.read_table("chunks").num_rows == reader.manifest.stats["chunks"] > 0
