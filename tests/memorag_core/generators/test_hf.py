@@ -115,7 +115,7 @@ def test_bad_arguments(tiny, tmp_path):
 
 
 def test_embedded_smollm2_answers(embedded_lm_dir):
-    gen = load_generator(None, batch_size=2)
-    answers = gen.generate(["What is the capital of France?", "Name a colour."], max_new_tokens=8)
-    assert len(answers) == 2 and all(a.strip() for a in answers)
-    assert "Paris" in answers[0]
+    # The real default model (SmolLM2-135M-Instruct): a first generate in a process pays a warm-up of several
+    # seconds on CPU, so this stays at one short prompt.
+    gen = load_generator(None)
+    assert gen.generate("What is the capital of France?", max_new_tokens=8) == ["The capital of France is Paris."]
