@@ -1,0 +1,192 @@
+"""Memory benchmark: memorize throughput and bytes per token by ratio, load time, and query latency by stage.
+
+CPU (default): the embedded SmolLM2-135M-Instruct on an excerpt of harry_potter.txt, beside plain transformers
+prefill of the same tokens (one forward in windows with a growing cache, nothing dropped) in the same run, so
+ratios are comparable on a noisy shared machine::
+
+    python benchmarks/bench_memory.py --tokens 8000 --ratios 1 4 8 16
+
+GPU: a Mistral-7B-shaped random-weight model in bf16 (32 layers, hidden 4096, 32 heads, 8 KV heads, MLP 14336,
+vocab 32000), prefill tokens/s and its fraction of the GPU's bf16 roofline (2 x params FLOP per token)::
+
+    python benchmarks/bench_memory.py --gpu-mistral --tokens 32000 --ratios 1 4 8 --peak-tflops 989
+
+Prints a Markdown table; ``--json FILE`` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memorag_core.memory import MemoryConfig, build_memory  # noqa: E402
+from memorag_core.models import load_causal_lm  # noqa: E402
+
+
+def book_tokens(tokenizer, n_tokens: int, book: Path) -> str:
+    """The first ``n_tokens`` tokens of the book, as text (whole words)."""
+    text = book.read_text(encoding="utf-8")
+    ids = tokenizer(text[: n_tokens * 8], add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def plain_prefill(model, ids: list[int], window: int) -> float:
+    """Seconds for a plain transformers prefill of ``ids`` in windows (full cache, nothing dropped)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    sync()
+    start = time.perf_counter()
+    for s in range(0, len(ids), window):
+        x = torch.tensor([ids[s:s + window]], device=model.device)
+        model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync()
+    return time.perf_counter() - start
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def mistral_shaped(device: str):
+    """A random-weight Mistral-7B-shaped model (bf16) and the embedded tokenizer (its vocab is only for text)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from memorag_core.models import load_tokenizer
+
+    config = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                           rope_theta=1e6)
+    with torch.device(device):
+        model = MistralForCausalLM(config).to(torch.bfloat16).eval()
+    tok = load_tokenizer(None)
+    return model, tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8000, help="tokens of the book to memorize")
+    p.add_argument("--ratios", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--book", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/harry_potter.txt")
+    p.add_argument("--gpu-mistral", action="store_true", help="Mistral-7B-shaped random model in bf16 on CUDA")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
+    p.add_argument("--queries", type=int, default=3, help="queries timed per stage (CPU mode)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    if args.gpu_mistral:
+        if not torch.cuda.is_available():
+            p.error("--gpu-mistral needs a CUDA GPU")
+        model, tok = mistral_shaped("cuda")
+        vocab = model.config.vocab_size
+        ids = torch.randint(100, vocab, (args.tokens,)).tolist()
+        text = None
+    else:
+        model, tok = load_causal_lm(None)
+        text = book_tokens(tok, args.tokens, args.book)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    params = sum(p.numel() for p in model.parameters())
+    # warm up: the first forward in a process is several times slower
+    plain_prefill(model, ids[: min(len(ids), 256)], args.window)
+    base_s = plain_prefill(model, ids, args.window)
+    rows = [{"mode": "plain transformers prefill", "ratio": "-", "tokens": len(ids), "seconds": base_s,
+             "tokens_per_s": len(ids) / base_s, "vs_plain": 1.0}]
+
+    for ratio in args.ratios:
+        kind = "full_kv" if ratio == 1 else "compressed_kv"
+        mem = build_memory(MemoryConfig(kind=kind, ratio=ratio, window=args.window), model, tok)
+        sync()
+        start = time.perf_counter()
+        if text is None:  # random ids on the GPU model: feed ids directly through the same code path
+            mem.prompts = __import__("memorag_core.prompts", fromlist=["EN"]).EN
+            mem._ingest(mem.head_ids(), is_prefix=True)
+            mem._ingest(ids, is_prefix=False)
+            mem.stats.raw_tokens = len(ids)
+            mem.stats.entries = mem._state_entries()
+            mem.stats.nbytes = mem._state_nbytes()
+        else:
+            mem.memorize(text)
+        sync()
+        secs = time.perf_counter() - start
+        row = {"mode": kind, "ratio": ratio, "tokens": len(ids), "seconds": secs, "tokens_per_s": len(ids) / secs,
+               "vs_plain": base_s / secs, "entries": mem.entries, "bytes": mem.stats.nbytes,
+               "bytes_per_token": mem.stats.nbytes / len(ids)}
+        if args.gpu_mistral:
+            row["roofline_fraction"] = (2 * params * len(ids) / secs) / (args.peak_tflops * 1e12)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                info = mem.save(os.path.join(d, "m.safetensors"))
+                other = build_memory(mem.config, model, tok)
+                start = time.perf_counter()
+                other.load(info.url, expected_sha256=info.sha256)
+                row["load_s"] = time.perf_counter() - start
+                row["file_bytes"] = info.nbytes
+            clue_s = []
+            for q in ["Why does Dobby warn Harry?", "Who is Ron's sister?", "What happens at the Burrow?"][
+                    : args.queries]:
+                start = time.perf_counter()
+                mem.clue_texts(q, max_new_tokens=32)
+                clue_s.append(time.perf_counter() - start)
+            row["clues_s_median"] = statistics.median(clue_s)
+        rows.append(row)
+        del mem
+
+    if not args.gpu_mistral:
+        rows.append(stage_latency(model, tok, text, args))
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"\n{device}, {'Mistral-7B-shaped bf16' if args.gpu_mistral else 'SmolLM2-135M fp32'}, "
+          f"{params / 1e6:.0f}M params, {len(ids)} tokens, window {args.window}\n")
+    cols = [c for c in ["mode", "ratio", "tokens_per_s", "vs_plain", "entries", "bytes_per_token", "load_s",
+                        "clues_s_median", "retrieve_s", "generate_s", "roofline_fraction"]
+            if any(c in r for r in rows)]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+    return 0
+
+
+def stage_latency(model, tok, text: str, args) -> dict:
+    """Query latency split by stage with the facade (ratio 8): clues, retrieval, generation (median of queries)."""
+    from memorag_core.facade import MemoRAG
+
+    pipe = MemoRAG(memory_config=MemoryConfig(ratio=8, window=args.window), clue_max_new_tokens=32)
+    pipe.memorize(text)
+    clue_s, ret_s, gen_s = [], [], []
+    for q in ["Why does Dobby warn Harry?", "Who is Ron's sister?", "What happens at the Burrow?"][: args.queries]:
+        t0 = time.perf_counter()
+        clues = pipe.clues(q)
+        t1 = time.perf_counter()
+        hits = pipe.retrieve(clues.retrieval_queries)
+        t2 = time.perf_counter()
+        pipe.answer_from_evidence(q, [h.text for h in hits], max_new_tokens=32)
+        t3 = time.perf_counter()
+        clue_s.append(t1 - t0), ret_s.append(t2 - t1), gen_s.append(t3 - t2)
+    return {"mode": "query stages (facade, ratio 8)", "ratio": 8, "clues_s_median": statistics.median(clue_s),
+            "retrieve_s": statistics.median(ret_s), "generate_s": statistics.median(gen_s)}
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

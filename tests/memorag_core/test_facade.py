@@ -1,0 +1,148 @@
+"""The MemoRAG facade: upstream-compatible calls, bundles on disk and on S3, bad input, and one end-to-end run
+with the embedded real models on a HotpotQA item."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError, InvalidInputError, MemoryNotReadyError
+from memorag_core.facade import MemoRAG, MemoRAGLite, split_clue_lines
+from memorag_core.memory import MemoryConfig
+
+
+@pytest.fixture(scope="module")
+def book(shared_data_dir):
+    return (shared_data_dir / "harry_potter.txt").read_text(encoding="utf-8")[:4000]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_lm_dir):
+    return MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256),
+                   retrieval_chunk_size=128, clue_max_new_tokens=8)
+
+
+def test_split_clue_lines_keeps_informative_lines():
+    text = "1. Harry lives with the Dursleys\n- short\n* The owl brings a letter to Harry\n\n2) ok"
+    assert split_clue_lines(text, "en") == ["Harry lives with the Dursleys", "The owl brings a letter to Harry"]
+    assert split_clue_lines("1. 哈利住在女贞路\n2. 是", "zh") == ["哈利住在女贞路"]
+
+
+def test_memorize_save_load_round_trip(pipe, tiny_lm_dir, book, tmp_path):
+    report = pipe.memorize(book, save_dir=str(tmp_path / "bundle"))
+    assert report.chunks == len(pipe.retriever.corpus) >= 3
+    assert report.manifest["files"]["memory.safetensors"]["nbytes"] > 0
+    q = "Who lives at number four, Privet Drive?"
+    want = pipe(query=q, max_new_tokens=8)
+    clues = pipe.clues(q)
+    assert clues.retrieval_queries[-1] == q
+    assert pipe.retrieve(clues.retrieval_queries)  # at least the question's own hits
+
+    other = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256),
+                    retrieval_chunk_size=128, clue_max_new_tokens=8)
+    manifest = other.load(str(tmp_path / "bundle"))
+    assert manifest["memory"]["stats"]["raw_tokens"] == pipe.memory.stats.raw_tokens
+    assert other.retriever.corpus == pipe.retriever.corpus
+    assert other(query=q, max_new_tokens=8) == want
+    assert other(query=q, task_type="qa", max_new_tokens=6) == pipe(query=q, task_type="qa", max_new_tokens=6)
+    assert isinstance(other(task_type="summarize", max_new_tokens=6), str)
+
+
+def test_bundle_on_s3(pipe, tiny_lm_dir, book, moto_s3, capsys):
+    bucket = moto_s3.make_bucket()
+    url = f"s3://{bucket}/bundles/hp"
+    pipe.memorize(book, save_dir=url, print_stats=True, storage_options=moto_s3.storage_options())
+    printed = capsys.readouterr().out
+    assert "memory.safetensors" in printed and "MiB" in printed  # sizes read from the manifest
+    other = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256),
+                    retrieval_chunk_size=128, clue_max_new_tokens=8)
+    other.load(url, storage_options=moto_s3.storage_options())
+    q = "What is Harry's uncle's name?"
+    assert other(query=q, task_type="qa", max_new_tokens=6) == pipe(query=q, task_type="qa", max_new_tokens=6)
+
+
+def test_bad_inputs_name_the_cause(pipe, tiny_lm_dir, book, tmp_path):
+    fresh = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4), retrieval_chunk_size=128)
+    with pytest.raises(MemoryNotReadyError):
+        fresh(query="anything")
+    with pytest.raises(InvalidInputError, match="task_type"):
+        fresh(query="q", context=book, task_type="translate")
+    with pytest.raises(InvalidInputError, match="empty"):
+        fresh.memorize("")
+    with pytest.raises(ArtifactNotFoundError):
+        fresh.load(str(tmp_path / "no-such-bundle"))
+    with pytest.raises(Exception, match="does not exist"):
+        MemoRAG(mem_model_name_or_path=str(tmp_path / "missing-model"))
+    with pytest.raises(InvalidInputError, match="ratio"):
+        MemoRAG(mem_model_name_or_path=str(tiny_lm_dir), beacon_ratio=0)
+
+    # a corrupt memory file inside a bundle: the checksum catches it, and nothing loaded is half-replaced
+    pipe.memorize(book, save_dir=str(tmp_path / "b"))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    mem_file = tmp_path / "b" / manifest["files"]["memory.safetensors"]["path"]
+    data = bytearray(mem_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mem_file.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match="memory.safetensors"):
+        fresh.load(str(tmp_path / "b"))
+    assert not fresh.is_ready
+
+
+def test_upstream_readme_code_runs_with_names_changed(tiny_lm_dir, book, tmp_path, monkeypatch):
+    """The upstream README's snippets, with the import line and model names changed (tiny models for speed)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "harry_potter.txt").write_text(book, encoding="utf-8")
+    from memorag_core import MemoRAG as UpstreamStyle  # "from memorag import MemoRAG"
+
+    pipe = UpstreamStyle(mem_model_name_or_path=str(tiny_lm_dir), ret_model_name_or_path=None,
+                         cache_dir="path_to_model_cache", beacon_ratio=4)
+    test_txt = open("harry_potter.txt").read()
+    pipe.memorize(test_txt, save_dir="cache/harry_potter/", print_stats=True)
+    query = "How many times is the Chamber of Secrets opened in the book?"
+    res = pipe(context=test_txt, query=query, task_type="memorag", max_new_tokens=8)
+    assert isinstance(res, str)
+    res = pipe(context=test_txt, task_type="summarize", max_new_tokens=8)
+    assert isinstance(res, str)
+
+    from memorag_core import Memory  # upstream's Memory(...) class
+
+    memo_model = Memory(str(tiny_lm_dir), cache_dir="path_to_model_cache", beacon_ratio=4)
+    memo_model.memorize(test_txt)
+    memo_model.save("cache/harry_potter/memory.bin")
+    assert isinstance(memo_model.recall(query, max_new_tokens=4), str)
+    assert isinstance(memo_model.rewrite(query, max_new_tokens=4), str)
+    assert isinstance(memo_model.summarize(max_new_tokens=4), str)
+    memo_model.load("cache/harry_potter/memory.bin")
+    assert isinstance(memo_model.answer(query, max_new_tokens=4), str)
+
+    lite = MemoRAGLite(gen_model_name_or_path=str(tiny_lm_dir), gist_chunk_tokens=400)
+    lite.memory.config.gist_max_new_tokens = 8
+    lite.memorize(test_txt[:1500], save_dir="harry_potter_lite", print_stats=True)
+    assert isinstance(lite(query, max_new_tokens=6), str)
+
+
+@pytest.fixture(scope="module")
+def hotpot_item(shared_data_dir):
+    with open(shared_data_dir / "hotpotqa_dev_300.jsonl", encoding="utf-8") as f:
+        return json.loads(next(f))
+
+
+def test_end_to_end_with_the_embedded_models_on_hotpotqa(hotpot_item):
+    """Real SmolLM2-135M memory + generator and all-MiniLM-L6-v2 retriever on one HotpotQA question.
+
+    SmolLM2-135M is weak, so the answer is a smoke signal; retrieval must surface a gold supporting paragraph.
+    """
+    ctx = hotpot_item["context"]
+    paragraphs = [f"{t}: {''.join(s)}" for t, s in zip(ctx["title"], ctx["sentences"])]
+    pipe = MemoRAG(ret_hit=2, clue_max_new_tokens=32)  # everything embedded
+    pipe.memory.config.window = 512
+    pipe.memory.memorize("\n\n".join(paragraphs))
+    pipe.index_corpus(paragraphs)
+    q = hotpot_item["question"]
+    clues = pipe.clues(q)
+    hits = pipe.retrieve(clues.retrieval_queries)
+    gold = set(hotpot_item["supporting_facts"]["title"])
+    assert any(h.text.split(":", 1)[0] in gold for h in hits), [h.text[:40] for h in hits]
+    answer = pipe.answer_from_evidence(q, [h.text for h in hits], max_new_tokens=24)
+    assert isinstance(answer, str) and answer.strip()
