@@ -1,0 +1,49 @@
+"""The `memorag` CLI: memorize a file or a folder into a bundle, ask from it, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+from jobs.cli import main
+
+
+def test_memorize_then_ask(tiny_lm_dir, shared_data_dir, tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text((shared_data_dir / "harry_potter.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    bundle = tmp_path / "bundle"
+    common = ["--model", str(tiny_lm_dir), "--ratio", "4", "--window", "256"]
+    assert main(["memorize", str(book), "--save-dir", str(bundle), *common]) == 0
+    out = capsys.readouterr().out
+    assert "compression" in out and "memory.safetensors" in out and "tokens/s" in out
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"memory.safetensors", "chunks.parquet", "index.faiss"} <= set(manifest["files"])
+
+    assert main(["ask", "Who lives on Privet Drive?", "--from", str(bundle), *common,
+                 "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "clues:" in out and "answer:" in out and "retrieved" in out
+    assert main(["ask", "Who?", "--from", str(bundle), "--task", "qa", *common, "--max-new-tokens", "3"]) == 0
+    assert "answer:" in capsys.readouterr().out
+
+
+def test_memorize_a_folder_and_bad_inputs(tiny_lm_dir, tmp_path, capsys):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("The first document talks about owls and letters. " * 20, encoding="utf-8")
+    (folder / "b.txt").write_text("The second document is about a flying car. " * 20, encoding="utf-8")
+    common = ["--model", str(tiny_lm_dir), "--ratio", "2", "--window", "128"]
+    assert main(["memorize", str(folder), "--save-dir", str(tmp_path / "b"), *common]) == 0
+    capsys.readouterr()
+
+    assert main(["memorize", str(tmp_path / "missing.txt"), "--save-dir", str(tmp_path / "x"), *common]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["memorize", str(bad), "--save-dir", str(tmp_path / "y"), *common]) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+    assert main(["memorize", str(folder / "a.txt"), "--save-dir", str(tmp_path / "z"), *common[:2], "--ratio",
+                 "0"]) == 2
+    assert "ratio" in capsys.readouterr().err
+    assert main(["ask", "Who?", "--from", str(tmp_path / "nothing-here"), *common]) == 2
+    assert "manifest" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # nothing half-written
