@@ -251,7 +251,9 @@ class Memory(ABC):
             "fingerprint": self.fingerprint(),
             "config": self.config.to_dict(),
             "language": self.prompts.language if self.prompts else None,
-            "stats": self.stats.to_dict(),
+            # content only (no wall time), so that the same text gives byte-identical memory files
+            "stats": {"raw_tokens": self.stats.raw_tokens, "entries": self.stats.entries,
+                      "nbytes": self.stats.nbytes},
         }
 
     def _restore_header(self, header: dict) -> None:
@@ -268,8 +270,7 @@ class Memory(ABC):
                 f"({self.model_id!r}, revision {self.model_revision}); load it with the same model and config")
         self.prompts = PROMPTS[header["language"]]
         s = header["stats"]
-        self.stats = MemoryStats(raw_tokens=s["raw_tokens"], entries=s["entries"], nbytes=s["nbytes"],
-                                 seconds=s["seconds"])
+        self.stats = MemoryStats(raw_tokens=s["raw_tokens"], entries=s["entries"], nbytes=s["nbytes"])
 
     @abstractmethod
     def export(self) -> "MemoryTensors":

@@ -193,3 +193,36 @@ def test_bad_input_errors_name_the_cause(tiny, book):
         MemoryConfig(kind="full_kv", ratio=4)
     with pytest.raises(InvalidInputError, match="positions"):
         MemoryConfig(positions="middle")
+
+
+def test_save_load_round_trip_is_identical_and_corruption_is_caught(tiny, book, tmp_path):
+    from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError
+
+    mem = make(tiny, ratio=4)
+    mem.memorize(book[:2500])
+    info = mem.save(str(tmp_path / "m.safetensors"))
+    again = make(tiny, ratio=4)
+    again.load(info.url, expected_sha256=info.sha256)
+    for a, b in zip(mem.cache.layers, again.cache.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert (again.entries, again.next_position, again.stats.raw_tokens) == (
+        mem.entries, mem.next_position, mem.stats.raw_tokens)
+    q = "Who is Dobby?"
+    assert again.answer(q, 8) == mem.answer(q, 8)
+    # the same text gives byte-identical files (content only in the header)
+    info2 = again.save(str(tmp_path / "m2.safetensors"))
+    assert info2.sha256 == info.sha256
+
+    with pytest.raises(ArtifactNotFoundError):
+        make(tiny, ratio=4).load(str(tmp_path / "missing.safetensors"))
+    data = bytearray((tmp_path / "m.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError):
+        make(tiny, ratio=4).load(str(tmp_path / "bad.safetensors"), expected_sha256=info.sha256)
+    (tmp_path / "short.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CorruptArtifactError):
+        make(tiny, ratio=4).load(str(tmp_path / "short.safetensors"))
+    # a memory made with another config is refused, not silently misused
+    with pytest.raises(CorruptArtifactError, match="differs"):
+        make(tiny, ratio=8).load(info.url)
