@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "dataset":
             parser.add_argument(_flag(f.name), help=help_text, default=None)
         elif tp is bool:
-            parser.add_argument(_flag(f.name), action="store_true", help=help_text)
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(_flag(f.name), nargs="+", default=list(default), help=help_text)
         else:

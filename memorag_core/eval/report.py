@@ -155,7 +155,8 @@ def save_chart(rows: list[Row], path: str | Path, metrics: tuple[str, ...] = ("f
     ax.set_xticklabels([f"{r.setting}\n{r.mode}\n(n={r.n})" for r in rows], fontsize=8)
     ax.set_ylabel("percent")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    if keys:
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -102,6 +102,9 @@ class EvalConfig:
         "longest context (tokens) the full mode sends to the generator; None: the generator model's "
         "max_position_embeddings minus answer_max_new_tokens minus 256 for the prompt template"))
     device: str = field(default="auto", metadata=_d("device for the local models: auto, cpu or cuda[:N]"))
+    share_clues: bool = field(default=True, metadata=_d(
+        "decode the clues once per example: memorag_draft's batch (spans, surrogates, draft) also gives memorag "
+        "its spans and surrogates; otherwise memorag decodes its own batch of two (slower, same prompts)"))
     overwrite: bool = field(default=False, metadata=_d(
         "start afresh even if predictions.json exists with a different config (it is replaced)"))
 
@@ -163,24 +166,40 @@ class EvalRunner:
 
         self.chunker = TokenChunker(tokenizer=self._tokenizer(), chunk_size=config.chunk_size)
         self._chunkers: dict[int, Any] = {config.chunk_size: self.chunker}
+        # memories by compression ratio, all sharing the pipeline's loaded memory model
+        self._clue_cache: dict[str, tuple[Any, float]] = {}
+        self._memories: dict[int, Any] = {self.pipeline.memory.config.ratio: self.pipeline.memory}
 
     # -- construction -------------------------------------------------------------------------------------------
     def _build_pipeline(self) -> Any:
         from memorag_core.facade import MemoRAG
+
+        c = self.config
+        return MemoRAG(mem_model_name_or_path=c.mem_model, ret_model_name_or_path=c.ret_model,
+                       gen_model_name_or_path=c.gen_model, ret_hit=c.hits, retrieval_chunk_size=c.chunk_size,
+                       memory_config=self._memory_config(c.ratio), generator=c.generator,
+                       clue_max_new_tokens=c.clue_max_new_tokens)
+
+    def _memory_config(self, ratio: int) -> Any:
         from memorag_core.memory import MemoryConfig
         from memorag_core.models import LoadOptions
 
         c = self.config
-        memory_config = MemoryConfig(kind=c.memory_kind, model=c.mem_model, ratio=c.ratio, window=c.window,
-                                     positions=c.positions, load=LoadOptions(device=c.device))
-        generator = None
-        if c.generator is not None:
-            from memorag_core.generators import load_generator
+        trust = c.memory_kind == "beacon"  # beacon checkpoints run their own modelling code
+        return MemoryConfig(kind=c.memory_kind, model=c.mem_model, ratio=1 if c.memory_kind == "full_kv" else ratio,
+                            window=c.window, positions=c.positions,
+                            load=LoadOptions(device=c.device, trust_remote_code=trust))
 
-            generator = load_generator(c.generator)
-        return MemoRAG(mem_model_name_or_path=c.mem_model, ret_model_name_or_path=c.ret_model,
-                       gen_model_name_or_path=c.gen_model, ret_hit=c.hits, retrieval_chunk_size=c.chunk_size,
-                       memory_config=memory_config, generator=generator)
+    def _use_memory(self, ratio: int) -> None:
+        """Point the pipeline at a memory with ``ratio``, sharing the loaded model (built once per ratio)."""
+        if ratio not in self._memories:
+            from memorag_core.memory import build_memory
+
+            base = self.pipeline.memory
+            config = self._memory_config(ratio)
+            config.language = base.config.language
+            self._memories[ratio] = build_memory(config, model=base.model, tokenizer=base.tokenizer)
+        self.pipeline.memory = self._memories[ratio]
 
     def _tokenizer(self) -> Any:
         return self.pipeline.memory.tokenizer
@@ -243,6 +262,7 @@ class EvalRunner:
             for m in self.config.modes:
                 block["predictions"].setdefault(m, {})
             start = time.perf_counter()
+            self._clue_cache = {}  # clues depend on the setting's memory
             try:
                 if setting == "per_question":
                     self._run_per_question(examples, results, block, progress)
@@ -260,7 +280,7 @@ class EvalRunner:
         return [m for m in self.config.modes if ex.id not in block["predictions"][m]]
 
     def _run_per_question(self, examples, results, block, progress) -> None:
-        self.pipeline.memory.config.ratio = self.config.ratio
+        self._use_memory(self.config.ratio)
         for i, ex in enumerate(examples):
             todo = self._todo(block, ex)
             if not todo:
@@ -293,6 +313,10 @@ class EvalRunner:
         if not todo_any:
             return
         info = block["info"]
+        if info.get("pooled_examples") not in (None, len(pool_examples)):
+            raise InvalidInputError(
+                f"{self.predictions_path} holds pooled predictions over a pool of {info['pooled_examples']} examples, "
+                f"not {len(pool_examples)}; pass the same --pooled-examples/--limit, or use another output folder")
         info.update({"pooled_examples": len(pool_examples), "passages": len(passages), "chunks": len(chunks)})
         if any(m in _RETRIEVAL_MODES for m in c.modes):
             info["index_seconds"] = self._index(chunks)
@@ -310,8 +334,8 @@ class EvalRunner:
         """Memorize the pooled corpus once; save it under the output folder and reload it on resume."""
         from memorag_core.memory.config import stable_hash
 
+        self._use_memory(self.config.pooled_ratio)
         memory = self.pipeline.memory
-        memory.config.ratio = self.config.pooled_ratio
         key = stable_hash({"memory": memory.config.fingerprint_dict(), "text": stable_hash(context)})[:16]
         path = self.out_dir / "pooled_memory" / key
         memory.reset()
@@ -360,18 +384,18 @@ class EvalRunner:
             if mode in _MEMORY_MODES:
                 if "memorize" in pre:
                     seconds["memorize"] = pre["memorize"]
-                t = time.perf_counter()
-                clues = self.pipeline.clues(ex.question, use_memory_answer=(mode == "memorag_draft"),
-                                            max_new_tokens=c.clue_max_new_tokens)
-                seconds["clues"] = time.perf_counter() - t
-                queries = list(clues.retrieval_queries) or [ex.question]
-                draft = clues.draft_answer
+                clues, seconds["clues"] = self._clues(ex, mode)
+                draft = clues.draft_answer if mode == "memorag_draft" else None
+                queries = list(dict.fromkeys([*clues.spans, *clues.surrogates, *([draft] if draft else []),
+                                              ex.question]))
                 record["clues"] = {"spans": list(clues.spans), "surrogates": list(clues.surrogates),
                                    "draft_answer": draft}
                 generated += sum(self.count_tokens(s) for s in [*clues.spans, *clues.surrogates, draft or ""])
             record["retrieval_queries"] = queries
             t = time.perf_counter()
-            hits = self.pipeline.retrieve(queries, hits=c.hits)
+            # the retriever itself, not pipeline.retrieve: that one refuses to run while the memory is empty,
+            # and the rag and full modes need no memory
+            hits = self.pipeline.retriever.search(queries, hits=c.hits)
             seconds["retrieve"] = time.perf_counter() - t
             evidence_ids, topk_ids = self._rank_hits(hits, chunks)
             evidence = [chunks[i].text for i in evidence_ids]
@@ -392,9 +416,26 @@ class EvalRunner:
         record["tokens_generated"] = generated
         return record
 
+    def _clues(self, ex: EvalExample, mode: str) -> tuple[Any, float]:
+        """Clues for ``ex`` in ``mode`` and the seconds their decode took; with ``share_clues`` one decode (with
+        the draft) serves both memory modes, and both are charged its seconds (what each would cost alone, about:
+        decoding 2 or 3 prompts as one batch costs nearly the same)."""
+        both = self.config.share_clues and "memorag_draft" in self.config.modes
+        want_draft = mode == "memorag_draft" or both
+        cached = self._clue_cache.get(ex.id)
+        if cached is not None and (cached[0].draft_answer is not None or not want_draft):
+            return cached
+        t = time.perf_counter()
+        clues = self.pipeline.clues(ex.question, use_memory_answer=want_draft,
+                                    max_new_tokens=self.config.clue_max_new_tokens)
+        seconds = time.perf_counter() - t
+        self._clue_cache = {ex.id: (clues, seconds)}
+        return clues, seconds
+
     def _rank_hits(self, hits: list[Any], chunks: list[EvalChunk]) -> tuple[list[int], list[int]]:
         """Map hits to chunk indices: (all distinct chunks in retrieval order, the top ``hits`` by best score)."""
         by_text = {ch.text: i for i, ch in enumerate(chunks)}
+        higher = getattr(getattr(self.pipeline.retriever, "index_config", None), "higher_is_better", True)
         best: dict[int, float] = {}
         order: list[int] = []
         for h in hits:
@@ -405,9 +446,9 @@ class EvalRunner:
             if idx not in best:
                 order.append(idx)
                 best[idx] = float(h.score)
-            else:
-                best[idx] = max(best[idx], float(h.score))
-        topk = sorted(best, key=lambda i: -best[i])[: self.config.hits]
+            else:  # the retriever already merges queries; keep the best score if it did not
+                best[idx] = max(best[idx], float(h.score)) if higher else min(best[idx], float(h.score))
+        topk = sorted(best, key=lambda i: -best[i] if higher else best[i])[: self.config.hits]
         return order, topk
 
     @staticmethod

@@ -1,0 +1,148 @@
+"""The runner end to end on a tiny random-weight memory/generator model with the real embedded embedder.
+
+The tiny model's answers are noise; these tests check the mechanics: every (setting, mode, example) gets a record,
+recall is computed from the retrieved titles, skipped examples say why, resuming reruns nothing, a changed config
+is refused, and the pooled memory is saved once and reloaded.
+"""
+
+import pytest
+
+from memorag_core.errors import InvalidInputError
+from memorag_core.eval.datasets import load_examples
+from memorag_core.eval.metrics import evidence_recall
+from memorag_core.eval.report import load_results
+from memorag_core.eval.runner import MODES, EvalConfig, EvalRunner
+
+HOTPOT = "/work/shared/data/hotpotqa_dev_300.jsonl"
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_examples(HOTPOT, limit=2)
+
+
+@pytest.fixture(scope="module")
+def shared_pipeline(tiny_lm_dir):
+    """One facade on the tiny model, shared by the tests (loading the embedder is the slow part)."""
+    from memorag_core.facade import MemoRAG
+    from memorag_core.memory import MemoryConfig
+
+    return MemoRAG(mem_model_name_or_path=str(tiny_lm_dir), ret_hit=2, retrieval_chunk_size=128,
+                   memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=2, window=256))
+
+
+def _config(tmp_path, tiny_lm_dir, **kw):
+    base = dict(dataset=HOTPOT, output_dir=str(tmp_path / "out"), limit=2, mem_model=str(tiny_lm_dir), ratio=2,
+                pooled_ratio=4, window=256, hits=2, chunk_size=128, clue_max_new_tokens=6, answer_max_new_tokens=4)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+class _Counting:
+    """Wraps the facade and counts the model calls the runner makes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = {"clues": 0, "answer": 0}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name, value):
+        if name in ("inner", "calls"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
+    def clues(self, *a, **kw):
+        self.calls["clues"] += 1
+        return self.inner.clues(*a, **kw)
+
+    def answer_from_evidence(self, *a, **kw):
+        self.calls["answer"] += 1
+        return self.inner.answer_from_evidence(*a, **kw)
+
+
+def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeline, examples):
+    config = _config(tmp_path, tiny_lm_dir)
+    pipeline = _Counting(shared_pipeline)
+    runner = EvalRunner(config, pipeline=pipeline)
+    results = runner.run(examples)
+    # 2 settings x 4 modes x 2 examples answered; clues decoded once per example and setting (shared)
+    assert pipeline.calls == {"clues": 4, "answer": 16}
+    for setting in ("per_question", "pooled"):
+        preds = results["settings"][setting]["predictions"]
+        assert set(preds) == set(MODES)
+        for mode in MODES:
+            assert set(preds[mode]) == {ex.id for ex in examples}
+            for ex in examples:
+                rec = preds[mode][ex.id]
+                assert not rec.get("skipped"), rec.get("reason")
+                assert 0.0 <= rec["scores"]["f1"] <= 1.0 and rec["scores"]["em"] in (0.0, 1.0)
+                assert rec["tokens_read"] > 0 and rec["seconds"]["generate"] > 0
+                if mode == "full":
+                    continue
+                assert rec["recall_evidence"] == evidence_recall(rec["evidence_titles"], ex.supporting_titles)
+                assert len(rec["evidence_chunk_ids"]) >= 1
+                if mode == "rag":
+                    assert rec["retrieval_queries"] == [ex.question]
+                    assert len(rec["evidence_chunk_ids"]) <= config.hits
+                else:
+                    assert rec["retrieval_queries"][-1] == ex.question
+                    assert rec["seconds"]["clues"] > 0
+        # clues are shared: both memory modes saw the same spans and surrogates
+        for ex in examples:
+            a, b = preds["memorag"][ex.id]["clues"], preds["memorag_draft"][ex.id]["clues"]
+            assert (a["spans"], a["surrogates"]) == (b["spans"], b["surrogates"]) and a["draft_answer"] is None
+    info = results["settings"]["pooled"]["info"]
+    n_passages = len({(p.title, p.text) for ex in examples for p in ex.passages})
+    assert info["passages"] == n_passages and info["memory_action"] == "memorized"
+    assert info["memory_stats"]["raw_tokens"] == info["memory_tokens"]
+    # per-question memorization is charged to the memory modes only
+    first = results["settings"]["per_question"]["predictions"]
+    assert "memorize" in first["memorag"][examples[0].id]["seconds"]
+    assert "memorize" not in first["rag"][examples[0].id]["seconds"]
+    out = tmp_path / "out"
+    assert (out / "results.md").read_text().count("| per_question |") == 4
+    assert (out / "results.png").stat().st_size > 1000
+
+    # resume: nothing is recomputed, the file is unchanged apart from timings
+    again = _Counting(shared_pipeline)
+    EvalRunner(config, pipeline=again).run(examples)
+    assert again.calls == {"clues": 0, "answer": 0}
+    assert load_results(out / "predictions.json")["settings"]["per_question"]["predictions"] == first
+
+    # pooled predictions removed: the saved pooled memory is loaded, not memorized again
+    res = load_results(out / "predictions.json")
+    res["settings"]["pooled"]["predictions"] = {m: {} for m in MODES}
+    from memorag_core.eval.report import save_results
+
+    save_results(res, out / "predictions.json")
+    third = _Counting(shared_pipeline)
+    results3 = EvalRunner(config, pipeline=third).run(examples)
+    assert results3["settings"]["pooled"]["info"]["memory_action"] == "loaded"
+    assert third.calls == {"clues": 2, "answer": 8}
+
+    # a changed config is refused, naming the field
+    with pytest.raises(InvalidInputError, match="hits"):
+        EvalRunner(_config(tmp_path, tiny_lm_dir, hits=3), pipeline=shared_pipeline).run(examples)
+
+
+def test_full_mode_skips_when_context_does_not_fit(tmp_path, tiny_lm_dir, shared_pipeline, examples):
+    config = _config(tmp_path, tiny_lm_dir, modes=("full", "rag"), settings=("per_question",),
+                     full_context_max_tokens=100)
+    results = EvalRunner(config, pipeline=shared_pipeline).run(examples)
+    preds = results["settings"]["per_question"]["predictions"]
+    for ex in examples:
+        assert preds["full"][ex.id]["skipped"] is True
+        assert "exceeds the generator budget of 100" in preds["full"][ex.id]["reason"]
+        assert not preds["rag"][ex.id].get("skipped")
+    assert "| full | 0 (+2 skipped) |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_over_long_passages_are_split_and_keep_titles(tmp_path, tiny_lm_dir, shared_pipeline, examples):
+    runner = EvalRunner(_config(tmp_path, tiny_lm_dir, chunk_size=32), pipeline=shared_pipeline)
+    chunks = runner.make_chunks(examples[0].passages)
+    assert len(chunks) > len(examples[0].passages)
+    assert all(runner.count_tokens(c.text) <= 32 for c in chunks)
+    assert all(c.text.startswith(c.title + ": ") for c in chunks)
