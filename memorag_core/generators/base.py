@@ -135,6 +135,15 @@ def stream_until_stop(pieces: Iterable[str], stop: list[str] | None) -> Iterator
             close()
 
 
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The text a model sees for one user message: its chat template with a generation prompt, or the raw prompt
+    when the tokenizer has no template (a base model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def normalize_prompts(prompts: str | list[str]) -> list[str]:
     """``str`` -> ``[str]``; a list/tuple of str unchanged; anything else raises InvalidInputError naming it."""
     if isinstance(prompts, str):

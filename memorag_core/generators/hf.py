@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from memorag_core.errors import InvalidInputError
-from memorag_core.generators.base import GenerationConfig, Generator
+from memorag_core.generators.base import GenerationConfig, Generator, chat_prompt
 from memorag_core.models import LoadOptions, load_causal_lm
 
 logger = logging.getLogger(__name__)
@@ -70,11 +70,7 @@ class HFGenerator(Generator):
     # -- prompt encoding ----------------------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
         """The text the model sees for one user message: the chat template with a generation prompt."""
-        if not self._has_template:
-            return prompt
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return chat_prompt(self.tokenizer, prompt)
 
     def _encode(self, prompts: list[str]) -> Any:
         texts = [self.format_prompt(p) for p in prompts]

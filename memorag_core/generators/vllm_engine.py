@@ -22,7 +22,7 @@ import os
 from typing import Any
 
 from memorag_core.errors import InvalidInputError, OptionalDependencyError
-from memorag_core.generators.base import GenerationConfig, Generator
+from memorag_core.generators.base import GenerationConfig, Generator, chat_prompt
 from memorag_core.models import resolve_lm
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,7 @@ class VLLMGenerator(Generator):
 
     def format_prompt(self, prompt: str) -> str:
         """The text the model sees for one user message: the chat template with a generation prompt."""
-        if not self._has_template:
-            return prompt
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        return chat_prompt(self.tokenizer, prompt)
 
     def prompt_token_ids(self, prompt: str) -> list[int]:
         """Token ids of the templated prompt (the template holds any BOS; raw text gets the tokenizer's own)."""
