@@ -66,6 +66,57 @@ class _KeepRows:
         return k is None or k == (row["source"], row["position"], row["sha256"])
 
 
+class _Phases:
+    """Logs the wall time of each job phase (INFO)."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        logger.info("phase %s: %.1f s", name, now - self.t)
+        self.t = now
+
+
+def _partitions(groups: int, per_partition: int = 32, most: int = 200) -> int:
+    """Hash-shuffle partitions for ``groups`` groups (Ray Data's default, 200, costs minutes on small data)."""
+    return max(1, min(most, -(-groups // per_partition)))
+
+
+def _triage(meta: list[dict]) -> tuple[list[dict], dict[str, list[tuple]], dict[str, tuple]]:
+    """Split validated row metadata into quarantined rows, valid copies per doc id, and the kept copy of every
+    duplicated id (the first by source and position; the other copies are quarantined as duplicates)."""
+    bad = [r for r in meta if r["reason"]]
+    by_id: dict[str, list[tuple]] = {}
+    for r in meta:
+        if not r["reason"]:
+            by_id.setdefault(r["doc_id"], []).append((r["source"], r["position"], r["sha256"]))
+    kept: dict[str, tuple] = {}
+    for doc_id, copies in by_id.items():
+        if len(copies) > 1:
+            copies.sort()
+            kept[doc_id] = copies[0]
+            bad.extend({"doc_id": doc_id, "source": s, "position": p, "reason": f"duplicate doc_id {doc_id!r} "
+                        f"(kept {copies[0][0]}:{copies[0][1]})"} for s, p, _ in copies[1:])
+    return bad, by_id, kept
+
+
+def _units_dataset(items, build_unit, max_blocks: int):
+    """Group planned items (a table with ``group``) into unit rows on the driver, as ``groupby("group")
+    .map_groups(build_unit)`` does, and return them as a Ray Dataset of up to ``max_blocks`` blocks (so that the
+    actor pools share the work)."""
+    import pyarrow as pa
+    import ray.data
+
+    index: dict[str, list[int]] = {}
+    for i, g in enumerate(items.column("group").to_pylist()):
+        index.setdefault(g, []).append(i)
+    units = pa.concat_tables([build_unit(items.take(index[g])) for g in sorted(index)])
+    n = max(1, min(units.num_rows, max_blocks))
+    step = -(-units.num_rows // n)
+    return ray.data.from_arrow([units.slice(k, step) for k in range(0, units.num_rows, step)])
+
+
 def _quarantine_table(bad: list[dict]):
     import pyarrow as pa
 
@@ -87,6 +138,8 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     local one. Raises InvalidInputError for an unreadable corpus or a corpus with no valid document (nothing is
     published then), and the store's errors when the store fails (the previous version stays live).
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -94,53 +147,64 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     from memorag_core.errors import InvalidInputError
     from memorag_core.store import CollectionStore
     from pipeline.chunk_embed import ChunkEmbedStage
-    from pipeline.index import BuildShard, merge_shards, shard_of, train_index
+    from pipeline.index import BuildShard, merge_shards, train_index
     from pipeline.memory_stage import MemoryStage
     from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
-    from pipeline.read import read_corpus
+    from pipeline.read import corpus_nbytes, read_corpus, read_corpus_table
     from pipeline.router import ROUTER_INDEX, ROUTER_TABLE, build_router
     from pipeline.validate import ValidateStage, reason_code
 
     t0 = time.perf_counter()
-    _init_ray(config)
+    # Bad input fails here, before any Ray is started or joined.
+    nbytes = corpus_nbytes(config.corpus)
     store = CollectionStore(config.store, config.storage_options)
     writer = store.new_version(config.collection)  # validates the name and reads the live version up front
+    local = nbytes <= config.local_prepare_bytes
+    if not local:
+        _init_ray(config)
     stats = JobStats(collection=config.collection)
+    phase = _Phases()
 
-    # 1-2. read and validate
-    validated = read_corpus(config.corpus).map_batches(ValidateStage(config.validate_),
-                                                       batch_format="pyarrow").materialize()
-    meta = validated.select_columns(["doc_id", "source", "position", "sha256", "reason"]).take_all()
-    bad = [r for r in meta if r["reason"]]
-    by_id: dict[str, list[tuple]] = {}
-    for r in meta:
-        if not r["reason"]:
-            by_id.setdefault(r["doc_id"], []).append((r["source"], r["position"], r["sha256"]))
-    kept: dict[str, tuple] = {}
-    for doc_id, copies in by_id.items():
-        if len(copies) > 1:
-            copies.sort()
-            kept[doc_id] = copies[0]
-            bad.extend({"doc_id": doc_id, "source": s, "position": p, "reason": f"duplicate doc_id {doc_id!r} "
-                        f"(kept {copies[0][0]}:{copies[0][1]})"} for s, p, _ in copies[1:])
+    # 1-2. read and validate (on the driver for a small corpus: same functions, no Ray Data tasks)
+    if local:
+        validated_table = ValidateStage(config.validate_)(read_corpus_table(config.corpus))
+        meta = validated_table.select(["doc_id", "source", "position", "sha256", "reason"]).to_pylist()
+    else:
+        validated = read_corpus(config.corpus).map_batches(ValidateStage(config.validate_),
+                                                           batch_format="pyarrow").materialize()
+        meta = validated.select_columns(["doc_id", "source", "position", "sha256", "reason"]).take_all()
+    bad, by_id, kept = _triage(meta)
     stats.documents = len(by_id)
     stats.quarantined = len(bad)
     stats.quarantine_reasons = dict(sorted(Counter(reason_code(r["reason"]) for r in bad).items()))
-    logger.info("%d documents valid, %d quarantined %s", stats.documents, stats.quarantined,
-                stats.quarantine_reasons)
+    logger.info("%d documents valid, %d quarantined %s (%s, %d bytes)", stats.documents, stats.quarantined,
+                stats.quarantine_reasons, "driver" if local else "Ray Data", nbytes)
     if not by_id:
         raise InvalidInputError(f"corpus {config.corpus.url!r} has no valid document ({stats.quarantined} "
                                 f"quarantined: {stats.quarantine_reasons}); nothing was published")
+    phase("read+validate")
 
     # 3. pack
     mem_cfg = config.memory_stage.memory
-    items = validated.filter(_KeepRows(kept)).map_batches(
-        TokenizeSplitStage(mem_cfg.model, config.pack, mem_cfg.load), batch_format="pyarrow").materialize()
-    item_meta = items.select_columns(["doc_id", "part", "n_tokens"]).take_all()
+    tokenize = TokenizeSplitStage(mem_cfg.model, config.pack, mem_cfg.load)
+    if local:
+        keep = _KeepRows(kept)
+        items_table = tokenize(validated_table.filter(pa.array([keep(r) for r in meta], pa.bool_())))
+        item_meta = items_table.select(["doc_id", "part", "n_tokens"]).to_pylist()
+    else:
+        items = validated.filter(_KeepRows(kept)).map_batches(tokenize, batch_format="pyarrow").materialize()
+        item_meta = items.select_columns(["doc_id", "part", "n_tokens"]).take_all()
     plan = plan_units(sorted({(r["doc_id"], r["part"], r["n_tokens"]) for r in item_meta}), config.pack)
     plan_map = {(p.doc_id, p.part): p.group for p in plan}
-    units = (items.map_batches(AssignGroups(plan_map), batch_format="pyarrow")
-             .groupby("group").map_groups(BuildUnit(config.pack.separator), batch_format="pyarrow"))
+    if local:
+        _init_ray(config)  # only now: a small corpus with bad input fails above without starting Ray
+        units = _units_dataset(AssignGroups(plan_map)(items_table), BuildUnit(config.pack.separator),
+                               8 * config.memory_stage.concurrency)
+    else:
+        units = (items.map_batches(AssignGroups(plan_map), batch_format="pyarrow")
+                 .groupby("group", num_partitions=_partitions(len(set(plan_map.values()))))
+                 .map_groups(BuildUnit(config.pack.separator), batch_format="pyarrow"))
+    phase("pack")
 
     # 4. memory actors, then chunk + embed actors
     ms, ce = config.memory_stage, config.chunk_embed
@@ -151,8 +215,15 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     embedded = memorized.map_batches(
         ChunkEmbedStage, fn_constructor_args=(ce, config.store, config.storage_options, mem_cfg.model),
         compute=ActorPoolStrategy(size=ce.concurrency), batch_size=ce.batch_size, num_cpus=ce.num_cpus,
-        num_gpus=ce.num_gpus, batch_format="pyarrow").materialize()
-    rows = sorted(embedded.drop_columns(["text", "members"]).take_all(), key=lambda r: r["unit_id"])
+        num_gpus=ce.num_gpus, batch_format="pyarrow")
+    if local:
+        embedded_table = pa.concat_tables([t for t in ray.get(embedded.to_arrow_refs()) if t.num_rows])
+        all_rows = embedded_table.drop_columns(["text", "members"]).to_pylist()
+    else:
+        embedded = embedded.materialize()
+        all_rows = embedded.drop_columns(["text", "members"]).take_all()
+    phase("memorize+embed")
+    rows = sorted(all_rows, key=lambda r: r["unit_id"])
     # A unit id repeats only if two groups have the same text (identical documents under different ids).
     rows = list({r["unit_id"]: r for r in rows}.values())
     stats.units = len(rows)
@@ -170,11 +241,18 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     fs = store.fs
     n_train = min(ic.train_sample, stats.chunks)
     trained = train_index(ic, dim, fs, [r["chunks_path"] for r in rows])
-    shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
-    shards = shard_rows.groupby("shard").map_groups(
-        BuildShard(ic, trained, n_train, config.store, config.storage_options), batch_format="pyarrow")
+    build_shard = BuildShard(ic, trained, n_train, config.store, config.storage_options)
+    if local:
+        with_shard = _add_shard(ic.shards)(embedded_table)
+        shard_ids = sorted(set(with_shard.column("shard").to_pylist()))
+        shard_list = [build_shard(with_shard.filter(pc.equal(with_shard.column("shard"), k))).to_pylist()[0]
+                      for k in shard_ids]
+    else:
+        shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
+        shard_list = list(shard_rows.groupby("shard", num_partitions=ic.shards)
+                          .map_groups(build_shard, batch_format="pyarrow").iter_rows())
     shard_bytes: dict[int, bytes] = {}
-    for s in sorted(shards.iter_rows(), key=lambda s: s["shard"]):
+    for s in sorted(shard_list, key=lambda s: s["shard"]):
         writer.write_bytes(f"chunks/shard-{s['shard']:05d}.parquet", s["chunks_parquet"])
         writer.write_bytes(f"units/shard-{s['shard']:05d}.parquet", s["units_parquet"])
         writer.write_bytes(f"index/shard-{s['shard']:05d}.faiss", s["index_bytes"])
@@ -184,6 +262,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
                                                               n_train))
 
     # 6. router, quarantine, publish
+    phase("index")
     table_bytes, index_bytes = build_router(rows, dim)
     writer.write_bytes(ROUTER_TABLE, table_bytes)
     writer.write_bytes(ROUTER_INDEX, index_bytes)
@@ -201,6 +280,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     stats.bytes_written = (sum(f["nbytes"] for f in writer.files.values())
                            + sum(int(r["memory_nbytes"]) for r in rows if r["memorized"]))
     stats.version = writer.publish(manifest)
+    phase("router+publish")
     stats.seconds = time.perf_counter() - t0
     logger.info("published %s/%s\n%s", config.collection, stats.version, stats.table())
     return stats
@@ -254,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gist", choices=["summary", "cheap"], help="router gist: memory summary or first chars")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by the job")
+    p.add_argument("--local-prepare-bytes", type=int,
+                   help="prepare corpora up to this size on the driver instead of Ray Data tasks (0: never)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// corpus and store")
     p.add_argument("--stats-json", help="also write the run's statistics as JSON to this local path")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -296,6 +378,7 @@ def config_from_args(args: argparse.Namespace) -> MemorizeJobConfig:
     put("router.gist", args.gist)
     put("ray_address", args.ray_address)
     put("num_cpus", args.num_cpus)
+    put("local_prepare_bytes", args.local_prepare_bytes)
     if args.s3_endpoint:
         data.setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint
         data.setdefault("corpus", {}).setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint

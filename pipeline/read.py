@@ -217,3 +217,43 @@ def read_corpus(config: CorpusConfig):
         fn = TextFilesToRows(base)
     return ds.map_batches(fn, batch_format="numpy", batch_size=16)
 
+
+
+def corpus_nbytes(config: CorpusConfig) -> int:
+    """Total size in bytes of the corpus files (what decides whether the job prepares it on the driver)."""
+    _, fs, _, files = list_corpus_files(config)
+    return int(sum(fs.size(p) or 0 for p in files))
+
+
+def read_corpus_table(config: CorpusConfig) -> pa.Table:
+    """Read a (small) corpus in this process into a ``RAW_SCHEMA`` table.
+
+    The same row functions as :func:`read_corpus` run over the same files in the same order, so the rows are the
+    ones the Ray Data read yields; the job uses this for corpora below ``MemorizeJobConfig.local_prepare_bytes``,
+    where starting Ray Data tasks costs more than the work.
+
+    Raises:
+        InvalidInputError: as :func:`read_corpus`.
+    """
+    import pyarrow.parquet as pq
+
+    fmt, fs, base, files = list_corpus_files(config)
+    logger.info("reading %d %s file(s) from %s on the driver", len(files), fmt, config.url)
+    tables = []
+    if fmt == "parquet":
+        fn = ParquetToRows(base, config.text_column, config.id_column)
+        for path in files:
+            with fs.open(path, "rb") as fh:
+                table = pq.read_table(fh)
+            if config.text_column not in table.column_names:
+                raise InvalidInputError(f"Parquet file {path!r} has no text column {config.text_column!r} "
+                                        f"(columns: {table.column_names})")
+            tables.append(fn(table.append_column("path", pa.array([path] * table.num_rows, pa.string()))))
+    else:
+        fn = (JsonlFilesToRows(base, config.text_column, config.id_column) if fmt == "jsonl"
+              else TextFilesToRows(base))
+        for k in range(0, len(files), 16):
+            paths = files[k:k + 16]
+            out = fn({"bytes": [fs.cat_file(p) for p in paths], "path": paths})
+            tables.append(out if isinstance(out, pa.Table) else pa.Table.from_pydict(out, schema=RAW_SCHEMA))
+    return pa.concat_tables(tables) if tables else RAW_SCHEMA.empty_table()

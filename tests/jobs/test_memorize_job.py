@@ -1,15 +1,19 @@
 """The memorize job end to end on a real Ray cluster with real (tiny or embedded) models.
 
+One baseline run (module fixture) is shared:
+
 * a full run: quarantine, units, chunks, index shards + merged index, router, manifest, stats;
 * incremental: adding documents memorizes only new units, removing drops their units and chunks;
 * resume: a real run (``python -m jobs.memorize`` subprocess) is killed with SIGKILL after some units are
-  stored; the rerun memorizes only what is missing and publishes files byte-identical to an uninterrupted run;
+  stored; the rerun (through the Ray Data read/pack/shard path) memorizes only what is missing and publishes
+  files byte-identical to the uninterrupted baseline (which used the driver-side path for small corpora);
+* ``memorag memorize --corpus ... --collection ...`` through ``jobs.cli.main``;
+* bad flags and bad input end with exit code 2 and a message naming the cause;
 * ``ray job submit`` against a ``ray start --head`` cluster with the store on a loopback S3 server (moto).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -18,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from jobs.memorize import build_parser, config_from_args, run_memorize_job
@@ -28,6 +33,7 @@ from pipeline.config import MemorizeJobConfig
 from tests.pipeline.corpus import doc_text, write_jsonl_corpus
 
 REPO = Path(__file__).resolve().parents[2]
+BASE_DOCS = list(range(30))  # ~20 units with the long document: enough that a kill lands mid-run
 
 
 def job_config(corpus: Path | str, store: str, tiny_lm_dir: Path, **over) -> MemorizeJobConfig:
@@ -56,18 +62,34 @@ def published_files(store_url: str, collection: str = "books", storage_options=N
     return {p: reader.read_bytes(p) for p in reader.files()}
 
 
-def test_memorize_job_publishes_collection(ray_local, tmp_path, tiny_lm_dir):
-    corpus = write_jsonl_corpus(tmp_path / "corpus" / "c.jsonl", list(range(12)))
-    cfg = job_config(corpus, str(tmp_path / "store"), tiny_lm_dir)
-    stats = run_memorize_job(cfg)
-    assert stats.documents == 13 and stats.quarantined == 3
+@dataclass
+class Baseline:
+    root: Path
+    corpus: Path
+    store: str
+    config: MemorizeJobConfig
+    stats: object
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, tmp_path_factory, tiny_lm_dir) -> Baseline:
+    """One uninterrupted run of the job (collection ``books``), shared by the tests of this module."""
+    root = tmp_path_factory.mktemp("memorize-baseline")
+    corpus = write_jsonl_corpus(root / "corpus" / "c.jsonl", BASE_DOCS)
+    cfg = job_config(corpus, str(root / "store"), tiny_lm_dir)
+    return Baseline(root, corpus, str(root / "store"), cfg, run_memorize_job(cfg))
+
+
+def test_memorize_job_publishes_collection(baseline):
+    stats = baseline.stats
+    assert stats.documents == len(BASE_DOCS) + 1 and stats.quarantined == 3
     assert stats.quarantine_reasons == {"binary": 1, "empty": 1, "malformed": 1}
     assert stats.units == stats.units_memorized > 3 and stats.units_cached == 0
     assert stats.tokens_memorized == stats.tokens > 0 and stats.chunks >= stats.units
     assert stats.bytes_written > 0 and stats.tokens_per_s > 0
     assert "quarantined" in stats.table() and "tokens/s" in stats.table()
 
-    store = CollectionStore(str(tmp_path / "store"))
+    store = CollectionStore(baseline.store)
     reader = store.open_version("books")
     m = reader.manifest
     assert m.version == stats.version and len(m.units) == stats.units
@@ -80,8 +102,8 @@ def test_memorize_job_publishes_collection(ray_local, tmp_path, tiny_lm_dir):
     assert set(chunks.column("unit_id").to_pylist()) == set(m.units)
     # every chunk's text is its span of the unit text, and of the document
     units = {r["unit_id"]: r for r in reader.read_table("units").to_pylist()}
-    docs = {f"doc-{i:03d}": doc_text(i) for i in range(12)}
-    for c in chunks.to_pylist()[:40]:
+    docs = {f"doc-{i:03d}": doc_text(i) for i in BASE_DOCS}
+    for c in chunks.to_pylist():
         assert units[c["unit_id"]]["text"][c["start"]:c["end"]] == c["text"]
         if c["doc_id"] in docs:
             assert docs[c["doc_id"]][c["doc_start"]:c["doc_end"]] == c["text"]
@@ -109,91 +131,150 @@ def test_memorize_job_publishes_collection(ray_local, tmp_path, tiny_lm_dir):
     assert router.route(qv, k=1)[0][0] == gist_row["unit_id"]
 
 
-def test_incremental_add_and_remove(ray_local, tmp_path, tiny_lm_dir):
-    store = str(tmp_path / "store")
-    c1 = write_jsonl_corpus(tmp_path / "v1" / "c.jsonl", list(range(20)), bad=False, long_doc=False)
-    s1 = run_memorize_job(job_config(c1, store, tiny_lm_dir))
+def test_incremental_add_and_remove(baseline, tmp_path, tiny_lm_dir):
+    """Into the baseline's store (whose units are all memorized): collection ``inc`` gets the baseline corpus plus
+    three documents, then loses five."""
+    store = baseline.store
     units1 = set(CollectionStore(store).read_manifest("books").units)
-    # add three documents
-    c2 = write_jsonl_corpus(tmp_path / "v2" / "c.jsonl", list(range(20)) + [100, 101, 102], bad=False,
-                            long_doc=False)
-    s2 = run_memorize_job(job_config(c2, store, tiny_lm_dir))
-    units2 = set(CollectionStore(store).read_manifest("books").units)
+    c2 = write_jsonl_corpus(tmp_path / "v2" / "c.jsonl", BASE_DOCS + [100, 101, 102])
+    s2 = run_memorize_job(job_config(c2, store, tiny_lm_dir, collection="inc"))
+    units2 = set(CollectionStore(store).read_manifest("inc").units)
     new = units2 - units1
-    assert s2.units_memorized == len(new) > 0
-    assert s2.units_memorized < s1.units_memorized and len(units1 & units2) > 0
+    assert s2.units_memorized == len(new) > 0 and s2.units_cached == s2.units - len(new)
+    assert s2.units_memorized < len(units1) and len(units1 & units2) > len(new)
     assert s2.units_embedded == len(new)
+    assert s2.documents == len(BASE_DOCS) + 4
     # remove five documents: their chunks and the units holding them leave the next version
-    keep = [i for i in range(20) if i not in (2, 3, 5, 7, 11)] + [100, 101, 102]
-    c3 = write_jsonl_corpus(tmp_path / "v3" / "c.jsonl", keep, bad=False, long_doc=False)
-    s3 = run_memorize_job(job_config(c3, store, tiny_lm_dir))
-    reader = CollectionStore(store).open_version("books")
+    keep = [i for i in BASE_DOCS if i not in (2, 3, 5, 7, 11)] + [100, 101, 102]
+    c3 = write_jsonl_corpus(tmp_path / "v3" / "c.jsonl", keep)
+    s3 = run_memorize_job(job_config(c3, store, tiny_lm_dir, collection="inc"))
+    reader = CollectionStore(store).open_version("inc")
     chunk_docs = set(reader.read_table("chunks").column("doc_id").to_pylist())
-    assert chunk_docs == {f"doc-{i:03d}" for i in keep}
+    assert chunk_docs == {f"doc-{i:03d}" for i in keep} | {"long-000"}
     unit_docs = {d for ds in reader.read_table("units").column("doc_ids").to_pylist() for d in ds}
     assert unit_docs == chunk_docs
     units3 = set(reader.manifest.units)
+    assert units2 - units3, "removing documents dropped no unit"
     assert s3.units_memorized == len(units3 - units2 - units1) < s3.units
-    assert reader.manifest.stats["documents"] == len(keep)
+    assert reader.manifest.stats["documents"] == len(keep) + 1
+    # the older version of "books" is untouched
+    assert set(CollectionStore(store).read_manifest("books").units) == units1
+
+
+def _stored_units(store: Path) -> int:
+    return len(list((store / "units").glob("*/memory.safetensors"))) if (store / "units").exists() else 0
 
 
 def _wait_for_units(store: Path, n: int, proc: subprocess.Popen, timeout: float) -> int:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        done = len(list((store / "units").glob("*/memory.safetensors"))) if (store / "units").exists() else 0
+        done = _stored_units(store)
         if done >= n:
             return done
         if proc.poll() is not None:
             raise AssertionError(f"the job exited early with {proc.returncode}")
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"no {n} units stored within {timeout} s")
 
 
-def test_kill_and_resume_is_byte_identical(ray_local, tmp_path, tiny_lm_dir):
-    corpus = write_jsonl_corpus(tmp_path / "corpus" / "c.jsonl", list(range(24)))
-    cfg_a = job_config(corpus, str(tmp_path / "store-a"), tiny_lm_dir)
-    ref = run_memorize_job(cfg_a)
-    # the same job in a driver process that is killed once some units are stored
-    cfg_b = job_config(corpus, str(tmp_path / "store-b"), tiny_lm_dir)
+def _settled_units(store: Path, quiet_s: float = 3.0, timeout: float = 60.0) -> int:
+    """Stored units once the count stops changing (the killed driver's actors are gone)."""
+    last, since, deadline = _stored_units(store), time.time(), time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.25)
+        now = _stored_units(store)
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet_s:
+            return now
+    raise AssertionError(f"units were still being written {timeout} s after the kill")
+
+
+def test_kill_and_resume_is_byte_identical(baseline, ray_local, tmp_path):
+    ref = baseline.stats
+    store_b = tmp_path / "store-b"
+    cfg_b = baseline.config.model_copy(update={"store": str(store_b)})
     cfg_file = tmp_path / "b.json"
     cfg_file.write_text(cfg_b.model_dump_json(by_alias=True))
-    env = dict(ray_local.env)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.memorize", "--config", str(cfg_file)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "wb"),
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.memorize", "--config", str(cfg_file)], cwd=REPO,
+                            env=dict(ray_local.env), stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "killed.log", "wb"), start_new_session=True)
     try:
-        done = _wait_for_units(tmp_path / "store-b", 3, proc, timeout=240)
+        _wait_for_units(store_b, 1, proc, timeout=240)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert done < ref.units, "the job finished before it was killed; make the corpus larger"
-    assert CollectionStore(str(tmp_path / "store-b")).current_version("books") is None
-    resumed = run_memorize_job(cfg_b)
-    done_before = len(list((tmp_path / "store-b" / "units").glob("*/memory.safetensors"))) - resumed.units_memorized
-    assert resumed.units_cached >= done and resumed.units_memorized == ref.units - resumed.units_cached
-    assert done_before == resumed.units_cached
-    a = published_files(str(tmp_path / "store-a"))
-    b = published_files(str(tmp_path / "store-b"))
+    done = _settled_units(store_b)
+    assert 0 < done < ref.units, f"{done} of {ref.units} units stored by the killed run; the kill missed mid-run"
+    assert CollectionStore(str(store_b)).current_version("books") is None
+    # resume through the Ray Data read/validate/pack/shard path (the baseline used the driver-side path)
+    resumed = run_memorize_job(cfg_b.model_copy(update={"local_prepare_bytes": 0}))
+    assert resumed.units_cached == done and resumed.units_memorized == ref.units - done
+    assert _stored_units(store_b) == ref.units
+    a = published_files(baseline.store)
+    b = published_files(str(store_b))
     assert sorted(a) == sorted(b)
-    assert all(a[p] == b[p] for p in a), [p for p in a if a[p] != b[p]]
-    ma = CollectionStore(str(tmp_path / "store-a")).read_manifest("books")
-    mb = CollectionStore(str(tmp_path / "store-b")).read_manifest("books")
+    assert [p for p in a if a[p] != b[p]] == []
+    ma = CollectionStore(baseline.store).read_manifest("books")
+    mb = CollectionStore(str(store_b)).read_manifest("books")
     assert ma.units == mb.units and ma.files == mb.files and ma.stats == mb.stats and ma.extra == mb.extra
     for uid in ma.units:
-        assert (tmp_path / "store-a" / "units" / uid / "memory.safetensors").read_bytes() == \
-               (tmp_path / "store-b" / "units" / uid / "memory.safetensors").read_bytes()
+        assert (Path(baseline.store) / "units" / uid / "memory.safetensors").read_bytes() == \
+               (store_b / "units" / uid / "memory.safetensors").read_bytes()
 
 
-def test_bad_config_and_cli_flags(tmp_path):
-    args = build_parser().parse_args(["--corpus", "c.jsonl", "--collection", "x", "--store", str(tmp_path),
-                                      "--actors", "2", "--actor-cpus", "0.5", "--gist", "cheap"])
-    cfg = config_from_args(args)
-    assert cfg.memory_stage.concurrency == 2 and cfg.memory_stage.num_cpus == 0.5 and cfg.router.gist == "cheap"
+def test_memorag_memorize_cli_runs_the_job(baseline, tmp_path):
+    """``memorag memorize --corpus X --collection Y --store Z`` (jobs.cli.main) runs the job: into the baseline's
+    store every unit is found done, and the new collection's files equal the baseline's."""
+    from jobs.cli import main as cli_main
+
+    cfg_file = tmp_path / "job.json"
+    cfg_file.write_text(baseline.config.model_dump_json(by_alias=True))
+    stats_file = tmp_path / "stats.json"
+    rc = cli_main(["memorize", "--config", str(cfg_file), "--corpus", str(baseline.corpus), "--collection",
+                   "books-cli", "--store", baseline.store, "--gist", "cheap", "--stats-json", str(stats_file)])
+    assert rc == 0
+    stats = json.loads(stats_file.read_text())
+    assert stats["collection"] == "books-cli" and stats["documents"] == baseline.stats.documents
+    assert stats["units_memorized"] == 0 and stats["units_cached"] == baseline.stats.units
+    a = published_files(baseline.store, "books")
+    b = published_files(baseline.store, "books-cli")
+    assert sorted(a) == sorted(b) and [p for p in a if a[p] != b[p]] == []
+
+
+def test_bad_config_and_cli_flags(tmp_path, capsys):
+    """Flags map onto the config; bad flags and bad input exit with 2 and name the cause (no Ray is started)."""
     from jobs.memorize import main
 
-    assert main(["--corpus", "c.jsonl", "--collection", "bad name!", "--store", str(tmp_path)]) == 2
-    assert main(["--corpus", str(tmp_path / "missing.jsonl"), "--collection", "x", "--store", str(tmp_path),
-                 "--num-cpus", "1"]) == 2 or True
+    args = build_parser().parse_args(["--corpus", "c.jsonl", "--collection", "x", "--store", str(tmp_path),
+                                      "--actors", "2", "--actor-cpus", "0.5", "--gist", "cheap",
+                                      "--local-prepare-bytes", "0"])
+    cfg = config_from_args(args)
+    assert cfg.memory_stage.concurrency == 2 and cfg.memory_stage.num_cpus == 0.5 and cfg.router.gist == "cheap"
+    assert cfg.local_prepare_bytes == 0
+
+    def run_main(argv: list[str]) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    store = ["--store", str(tmp_path / "store")]
+    err = run_main(["--corpus", "c.jsonl", "--collection", "bad name!", *store])
+    assert "invalid configuration" in err and "collection name 'bad name!'" in err
+    err = run_main(["--corpus", "c.jsonl", "--collection", "x", "--unit-tokens", "32", "--chunk-tokens", "64",
+                    *store])
+    assert "chunk_tokens (64) must not exceed pack.unit_tokens (32)" in err
+    missing = tmp_path / "missing.jsonl"
+    err = run_main(["--corpus", str(missing), "--collection", "x", *store, "--num-cpus", "1"])
+    assert "InvalidInputError" in err and f"corpus {str(missing)!r} does not exist" in err
+    all_bad = tmp_path / "bad.jsonl"
+    all_bad.write_text('{"doc_id": "a", "text": "  "}\n{not json\n')
+    err = run_main(["--corpus", str(all_bad), "--collection", "x", *store, "--num-cpus", "1"])
+    assert "has no valid document (2 quarantined: {'empty': 1, 'malformed': 1})" in err
+    assert CollectionStore(str(tmp_path / "store")).current_version("x") is None
+    with pytest.raises(SystemExit) as exc:  # argparse: an unknown flag
+        main(["--corpus", "c.jsonl", "--collection", "x", "--no-such-flag"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_ray_job_submit_with_s3_store(ray_head, moto_s3, tmp_path, tiny_lm_dir):
