@@ -44,10 +44,17 @@ def _init_ray(config: MemorizeJobConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (_REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    paths = [_REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
     for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEMORAG_CACHE", "TOKENIZERS_PARALLELISM"):
         if k in os.environ:
             env[k] = os.environ[k]
+    # Under `ray job submit` the submitter's runtime env is injected, and ray.init refuses env var keys that it
+    # already sets: those keep the submitter's values.
+    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_config:
+        job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     kwargs = {} if address else {"num_cpus": config.num_cpus}
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
