@@ -5,6 +5,10 @@ Run it on a cluster with ``ray job submit -- python -m jobs.memorize --corpus s3
 s3://...``, or locally (a local Ray is started) with ``memorag memorize --corpus ... --collection ...`` or
 ``python -m jobs.memorize ...``. Stages live in :mod:`pipeline`; this module only wires them.
 
+A corpus of at most ``local_prepare_bytes`` is read, validated, packed and sharded in the driver with the same
+stage functions (Ray Data tasks and shuffles cost more than that work); the memory and embed actor pools run on
+Ray in both cases, and both paths publish the same bytes.
+
 Resumability: unit memories (``units/<unit_id>/``) and per-unit chunk tables (``staging/chunks/<key>/``) are
 content-addressed and written atomically, so a rerun after a kill at any point skips every finished unit; the
 index, router and version files are rebuilt from them (cheap) in a deterministic order, and the published files
