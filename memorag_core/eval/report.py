@@ -166,6 +166,38 @@ def save_chart(rows: list[Row], path: str | Path, metrics: tuple[str, ...] = ("f
     return path
 
 
+def compare_modes(results: dict[str, Any], mode: str, baseline: str, metric: str = "f1") -> list[str]:
+    """Per-question wins/ties/losses of ``mode`` against ``baseline`` on ``metric``, one line per setting.
+
+    Only questions both modes answered count. A line reads e.g.
+    ``"per_question: memorag vs rag on f1: 3 better, 5 equal, 2 worse (10 questions)"``.
+    """
+    lines = []
+    for setting, block in results.get("settings", {}).items():
+        preds = block.get("predictions", {})
+        a, b = preds.get(mode, {}), preds.get(baseline, {})
+        better = equal = worse = 0
+        for qid in a.keys() & b.keys():
+            ra, rb = a[qid], b[qid]
+            if ra.get("skipped") or rb.get("skipped"):
+                continue
+            va = ra.get("scores", {}).get(metric, ra.get(metric))  # answer scores, or a record field (recall_at_k)
+            vb = rb.get("scores", {}).get(metric, rb.get(metric))
+            if va is None or vb is None:
+                continue
+            if abs(va - vb) < 1e-9:
+                equal += 1
+            elif va > vb:
+                better += 1
+            else:
+                worse += 1
+        n = better + equal + worse
+        if n:
+            lines.append(f"{setting}: {mode} vs {baseline} on {metric}: {better} better, {equal} equal, {worse} worse "
+                         f"({n} questions)")
+    return lines
+
+
 def _clean(obj: Any) -> Any:
     # JSON has no NaN/inf: store them as null so the file stays standard JSON.
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -215,7 +247,12 @@ def write_report(results: dict[str, Any], out_dir: str | Path, stem: str = "resu
     out_dir = Path(out_dir)
     rows = rows_from_results(results)
     table = markdown_table(rows)
-    notes = results.get("notes", [])
+    notes = list(results.get("notes", []))
+    modes = {m for b in results.get("settings", {}).values() for m in b.get("predictions", {})}
+    for mode in ("memorag", "memorag_draft"):
+        if mode in modes and "rag" in modes:
+            notes.extend(compare_modes(results, mode, "rag", "f1"))
+            notes.extend(compare_modes(results, mode, "rag", "recall_at_k"))
     md = out_dir / f"{stem}.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(table + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""), encoding="utf-8")

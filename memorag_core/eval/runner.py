@@ -351,7 +351,9 @@ class EvalRunner:
         seconds = time.perf_counter() - t
         stats = memory.stats.to_dict() if hasattr(memory.stats, "to_dict") else dict(vars(memory.stats))
         logger.info("pooled memory %s in %.1f s: %s", action, seconds, stats)
-        return {"memory_action": action, "memory_seconds_this_session": seconds, "memory_stats": stats,
+        timing = {"memorize_seconds": round(seconds, 1)} if action == "memorized" else {"load_seconds": round(seconds, 2)}
+        # on resume only load_seconds is added: memorize_seconds from the first session stays in the info
+        return {"memory_action": action, **timing, "memory_stats": stats,
                 "memory_tokens": self.count_tokens(context), "memory_path": str(path),
                 "memory_ratio": self.config.pooled_ratio}
 

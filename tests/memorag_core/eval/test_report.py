@@ -7,6 +7,7 @@ import pytest
 from memorag_core.errors import CorruptArtifactError, SchemaVersionError
 from memorag_core.eval.report import (
     aggregate,
+    compare_modes,
     load_results,
     markdown_table,
     rows_from_results,
@@ -75,3 +76,16 @@ def test_results_json_roundtrip_and_errors(tmp_path):
     path.write_text(json.dumps({"schema": "other/9"}))
     with pytest.raises(SchemaVersionError, match="other/9"):
         load_results(path)
+
+
+def test_compare_modes_counts_per_question():
+    results = {"settings": {"pooled": {"predictions": {
+        "rag": {"a": _rec(0.5, 0, 1.0, {}), "b": _rec(0.5, 0, 0.5, {}), "c": _rec(0.2, 0, 0.5, {}),
+                "d": _rec(0, 0, 0, {}, skipped=True)},
+        "memorag": {"a": _rec(1.0, 0, 0.5, {}), "b": _rec(0.5, 0, 0.5, {}), "c": _rec(0.0, 0, 1.0, {}),
+                    "d": _rec(1.0, 0, 1.0, {}), "e": _rec(1.0, 0, 1.0, {})},
+    }}}}
+    assert compare_modes(results, "memorag", "rag") == [
+        "pooled: memorag vs rag on f1: 1 better, 1 equal, 1 worse (3 questions)"]
+    assert compare_modes(results, "memorag", "rag", "recall_at_k") == [
+        "pooled: memorag vs rag on recall_at_k: 1 better, 1 equal, 1 worse (3 questions)"]

@@ -120,7 +120,8 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     save_results(res, out / "predictions.json")
     third = _Counting(shared_pipeline)
     results3 = EvalRunner(config, pipeline=third).run(examples)
-    assert results3["settings"]["pooled"]["info"]["memory_action"] == "loaded"
+    info3 = results3["settings"]["pooled"]["info"]
+    assert info3["memory_action"] == "loaded" and info3["memorize_seconds"] > 0 and "load_seconds" in info3
     assert third.calls == {"clues": 2, "answer": 8}
 
     # a changed config is refused, naming the field
