@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         del mem
 
+    # the baseline again at the end: on a shared machine the spread between the two shows the noise
+    base_end = plain_prefill(model, ids, args.window)
+    rows.append({"mode": "plain transformers prefill (again, at the end)", "ratio": "-", "tokens": len(ids),
+                 "seconds": base_end, "tokens_per_s": len(ids) / base_end, "vs_plain": base_s / base_end})
     if not args.gpu_mistral:
         rows.append(stage_latency(model, tok, text, args))
 
