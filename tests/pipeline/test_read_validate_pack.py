@@ -11,13 +11,18 @@ import pytest
 from memorag_core.errors import InvalidInputError
 from pipeline.config import CorpusConfig, PackConfig, ValidateConfig
 from pipeline.pack import BuildUnit, TokenizeSplitStage, is_boundary, plan_units, unit_id_for
-from pipeline.read import list_corpus_files, read_corpus
+from pipeline.read import list_corpus_files, read_corpus, read_corpus_table
 from pipeline.validate import ValidateStage, check_document, split_duplicates
 
 
-def _validated(ds):
-    return sorted(ds.map_batches(ValidateStage(ValidateConfig(max_chars=200)), batch_format="pyarrow").take_all(),
-                  key=lambda r: (r["source"], r["position"]))
+def _validated(config: CorpusConfig) -> list[dict]:
+    """Validated rows of a corpus read with Ray Data; the driver-side read (small corpora) must give the same."""
+    validate = ValidateStage(ValidateConfig(max_chars=200))
+    key = lambda r: (r["source"], r["position"], r["doc_id"])  # noqa: E731
+    rows = sorted(read_corpus(config).map_batches(validate, batch_format="pyarrow").take_all(), key=key)
+    local = sorted(validate(read_corpus_table(config)).to_pylist(), key=key)
+    assert local == rows
+    return rows
 
 
 def test_check_document_reasons():
@@ -46,7 +51,7 @@ def test_read_jsonl_quarantines_bad_rows(ray_local, tmp_path):
         json.dumps({"text": "no id here"}).encode(),
     ]
     (tmp_path / "c.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    rows = _validated(read_corpus(CorpusConfig(url=str(tmp_path / "c.jsonl"))))
+    rows = _validated(CorpusConfig(url=str(tmp_path / "c.jsonl")))
     by_pos = {r["position"]: r for r in rows}
     assert len(rows) == 9  # the blank line is not a document
     assert by_pos[1]["reason"] == "" and by_pos[1]["text"] == "first document"
@@ -67,18 +72,19 @@ def test_read_text_folder_and_parquet(ray_local, tmp_path):
     (folder / "a.txt").write_text("alpha text")
     (folder / "sub" / "b.txt").write_text("beta text")
     (folder / "bin.txt").write_bytes(bytes(range(256)))
-    rows = _validated(read_corpus(CorpusConfig(url=str(folder))))
+    rows = _validated(CorpusConfig(url=str(folder)))
     assert {r["doc_id"]: r["reason"][:6] for r in rows} == {"a": "", "sub/b": "", "bin": "binary"}
 
     table = pa.table({"id": ["p1", None], "body": ["parquet one", "parquet two"], "year": [2001, 2002]})
     pq.write_table(table, tmp_path / "p.parquet")
-    rows = _validated(read_corpus(CorpusConfig(url=str(tmp_path / "p.parquet"), text_column="body",
-                                               id_column="id")))
+    rows = _validated(CorpusConfig(url=str(tmp_path / "p.parquet"), text_column="body", id_column="id"))
     ids = sorted(r["doc_id"] for r in rows)
     assert ids[1] == "p1" and ids[0].startswith("p.parquet#") and all(r["reason"] == "" for r in rows)
     assert sorted(json.loads(r["meta"])["year"] for r in rows) == [2001, 2002]
     with pytest.raises(InvalidInputError, match="no text column 'text'"):
         read_corpus(CorpusConfig(url=str(tmp_path / "p.parquet")))
+    with pytest.raises(InvalidInputError, match="no text column 'text'"):
+        read_corpus_table(CorpusConfig(url=str(tmp_path / "p.parquet")))
 
 
 def test_list_corpus_files_errors(tmp_path):
