@@ -261,7 +261,7 @@ class EvalRunner:
                 setting, {"predictions": {m: {} for m in self.config.modes}, "wall_seconds": 0.0, "info": {}})
             for m in self.config.modes:
                 block["predictions"].setdefault(m, {})
-            start = time.perf_counter()
+            self._wall = (block, block["wall_seconds"], time.perf_counter())
             self._clue_cache = {}  # clues depend on the setting's memory
             try:
                 if setting == "per_question":
@@ -269,12 +269,17 @@ class EvalRunner:
                 else:
                     self._run_pooled(examples, results, block, progress)
             finally:
-                block["wall_seconds"] += time.perf_counter() - start
-                save_results(results, self.predictions_path)
+                self._save(results)
         results["notes"] = self._notes(results)
         save_results(results, self.predictions_path)
         write_report(results, self.out_dir)
         return results
+
+    def _save(self, results: dict[str, Any]) -> None:
+        """Write predictions.json with the setting's wall time so far (summed over resumed sessions)."""
+        block, before, start = self._wall
+        block["wall_seconds"] = before + time.perf_counter() - start
+        save_results(results, self.predictions_path)
 
     def _todo(self, block: dict[str, Any], ex: EvalExample) -> list[str]:
         return [m for m in self.config.modes if ex.id not in block["predictions"][m]]
@@ -297,7 +302,7 @@ class EvalRunner:
                 pre["memorize"] = time.perf_counter() - t
             for mode in todo:
                 block["predictions"][mode][ex.id] = self._run_mode(mode, ex, chunks, context, pre)
-            save_results(results, self.predictions_path)
+            self._save(results)
             if progress:
                 progress(f"per_question {i + 1}/{len(examples)} {ex.id}")
 
@@ -322,11 +327,11 @@ class EvalRunner:
             info["index_seconds"] = self._index(chunks)
         if any(m in _MEMORY_MODES for m in c.modes):
             info.update(self._pooled_memory(context, len(pool_examples)))
-        save_results(results, self.predictions_path)
+        self._save(results)
         for i, ex in enumerate(todo_any):
             for mode in self._todo(block, ex):
                 block["predictions"][mode][ex.id] = self._run_mode(mode, ex, chunks, context, {})
-            save_results(results, self.predictions_path)
+            self._save(results)
             if progress:
                 progress(f"pooled {i + 1}/{len(todo_any)} {ex.id}")
 

@@ -94,6 +94,7 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
         for ex in examples:
             a, b = preds["memorag"][ex.id]["clues"], preds["memorag_draft"][ex.id]["clues"]
             assert (a["spans"], a["surrogates"]) == (b["spans"], b["surrogates"]) and a["draft_answer"] is None
+    assert all(results["settings"][s]["wall_seconds"] > 0 for s in ("per_question", "pooled"))
     info = results["settings"]["pooled"]["info"]
     n_passages = len({(p.title, p.text) for ex in examples for p in ex.passages})
     assert info["passages"] == n_passages and info["memory_action"] == "memorized"
