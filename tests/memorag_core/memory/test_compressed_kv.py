@@ -29,7 +29,7 @@ def make(tiny, **kw):
 
 
 def test_kept_entries_per_window_is_ceil_window_over_ratio(tiny, book):
-    text = book[:3000]
+    text = book[:1600]
     for ratio in (2, 4, 7):
         mem = make(tiny, ratio=ratio, window=100)
         mem.memorize(text)
