@@ -89,6 +89,7 @@ def ask(
     positions: str = typer.Option("compact", help="positions used to memorize"),
     hits: int = typer.Option(3, help="retrieved chunks per clue"),
     max_new_tokens: int = typer.Option(128, help="most tokens in the answer"),
+    clue_max_new_tokens: int = typer.Option(64, help="most tokens per clue (spans, surrogate questions, draft)"),
     use_memory_answer: bool = typer.Option(False, help="add the memory's draft answer to the evidence"),
     show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
 ) -> None:
@@ -97,7 +98,7 @@ def ask(
     pipe.load(from_dir)
     start = time.perf_counter()
     if task == "memorag":
-        clues = pipe.clues(question, use_memory_answer=use_memory_answer)
+        clues = pipe.clues(question, use_memory_answer=use_memory_answer, max_new_tokens=clue_max_new_tokens)
         hits_ = pipe.retrieve(clues.retrieval_queries)
         if show_clues:
             typer.echo("clues:")

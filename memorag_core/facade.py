@@ -75,6 +75,18 @@ def split_clue_lines(text: str, language: str) -> list[str]:
     return [line for line in lines if len(line.split()) > 3]
 
 
+def dedupe_queries(queries: list[str]) -> list[str]:
+    """Keep the first of queries that differ only in case, spacing or punctuation (small models repeat)."""
+    seen: set[str] = set()
+    kept = []
+    for q in queries:
+        key = re.sub(r"[\W_]+", " ", q).strip().lower()
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(q)
+    return kept
+
+
 def _detect_memory_kind(model: str | None, options: LoadOptions) -> str:
     """``beacon`` when the checkpoint's config declares ``beacon_ratio``, else ``compressed_kv`` (logged)."""
     if model is None:
@@ -276,8 +288,8 @@ class MemoRAG:
         lang = self.prompts.language
         spans, surrogates = split_clue_lines(out["spans"], lang), split_clue_lines(out["surrogates"], lang)
         draft = out.get("answer") or None
-        queries = spans + surrogates + ([draft] if draft else []) + [query]
-        return Clues(spans, surrogates, draft, list(dict.fromkeys(queries)), time.perf_counter() - start)
+        queries = dedupe_queries(spans + surrogates + ([draft] if draft else []) + [query])
+        return Clues(spans, surrogates, draft, queries, time.perf_counter() - start)
 
     def retrieve(self, queries: list[str] | str, hits: int | None = None):
         """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``)."""

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError, InvalidInputError, MemoryNotReadyError
-from memorag_core.facade import MemoRAG, MemoRAGLite, split_clue_lines
+from memorag_core.facade import MemoRAG, MemoRAGLite, dedupe_queries, split_clue_lines
 from memorag_core.memory import MemoryConfig
 
 
@@ -27,6 +27,11 @@ def test_split_clue_lines_keeps_informative_lines():
     text = "1. Harry lives with the Dursleys\n- short\n* The owl brings a letter to Harry\n\n2) ok"
     assert split_clue_lines(text, "en") == ["Harry lives with the Dursleys", "The owl brings a letter to Harry"]
     assert split_clue_lines("1. 哈利住在女贞路\n2. 是", "zh") == ["哈利住在女贞路"]
+
+
+def test_dedupe_queries_drops_near_repeats():
+    qs = ["Dad, I'm sure you're right.", "Dad, I'm sure you're right", "DAD i'm sure you're right!", "Why?", "?"]
+    assert dedupe_queries(qs) == ["Dad, I'm sure you're right.", "Why?"]
 
 
 def test_memorize_save_load_round_trip(pipe, tiny_lm_dir, book, tmp_path):
