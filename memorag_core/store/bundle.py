@@ -32,7 +32,7 @@ import torch
 from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError, InvalidInputError
 from memorag_core.store import fs as sfs
 from memorag_core.store.memory_file import MemoryFileInfo, MemoryTensors, encode_memory, load_memory
-from memorag_core.store.schemas import BUNDLE_FORMAT, check_schema_version, SCHEMA_VERSION
+from memorag_core.store.schemas import BUNDLE_FORMAT, SCHEMA_VERSION, parse_versioned_json
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +176,7 @@ class Bundle:
             data = sfs.read_all(self.fs, sfs.join(self.path, MANIFEST_NAME))
         except ArtifactNotFoundError as exc:
             raise ArtifactNotFoundError(f"no bundle at {self.url}: {MANIFEST_NAME} not found") from exc
-        try:
-            manifest = json.loads(data)
-        except ValueError as exc:
-            raise CorruptArtifactError(f"{what}: not valid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-            raise CorruptArtifactError(f"{what}: not a memorag bundle manifest")
-        check_schema_version(manifest.get("schema_version"), what)
+        manifest = parse_versioned_json(data, what, BUNDLE_FORMAT, "a memorag bundle manifest")
         self._manifest = manifest
         return manifest
 

@@ -113,6 +113,27 @@ def check_schema_version(found: Any, what: str) -> None:
         )
 
 
+def parse_versioned_json(text: str | bytes, what: str, fmt: str, describe: str) -> dict:
+    """Parse one of our JSON artifacts: a dict whose ``format`` is ``fmt`` and whose schema version we can read.
+
+    Args:
+        text: the JSON text. what: names the artifact in errors. fmt: the expected ``format`` value.
+        describe: what the artifact is, for the error (e.g. "a memorag bundle manifest").
+
+    Raises:
+        CorruptArtifactError: not JSON, not a dict, or another format. SchemaVersionError: a newer schema version.
+    """
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptArtifactError(f"{what}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CorruptArtifactError(f"{what}: not {describe} (format {found!r})")
+    check_schema_version(data.get("schema_version"), what)
+    return data
+
+
 def conform_table(table: pa.Table, kind: str) -> pa.Table:
     """Check that ``table`` has the columns of the ``kind`` schema and cast them to it; extra columns are kept.
 
@@ -196,14 +217,7 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str | bytes, what: str = "manifest") -> "Manifest":
         """Parse a manifest. Raises CorruptArtifactError (not JSON / wrong format) or SchemaVersionError."""
-        try:
-            data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptArtifactError(f"{what}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != VERSION_MANIFEST_FORMAT:
-            raise CorruptArtifactError(f"{what}: not a collection version manifest (format "
-                                       f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r})")
-        check_schema_version(data.get("schema_version"), what)
+        data = parse_versioned_json(text, what, VERSION_MANIFEST_FORMAT, "a collection version manifest")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"format"})
         if unknown:
@@ -254,13 +268,7 @@ class MemoryFileHeader:
         """Parse and validate. Raises CorruptArtifactError (missing/not JSON/wrong format) or SchemaVersionError."""
         if text is None:
             raise CorruptArtifactError(f"{what}: safetensors file without a memorag header (not a memory file)")
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise CorruptArtifactError(f"{what}: memory header is not valid JSON ({exc})") from exc
-        if not isinstance(data, dict) or data.get("format") != MEMORY_FILE_FORMAT:
-            raise CorruptArtifactError(f"{what}: header format is not {MEMORY_FILE_FORMAT!r}")
-        check_schema_version(data.get("schema_version"), what)
+        data = parse_versioned_json(text, what, MEMORY_FILE_FORMAT, "a memorag memory header")
         data.pop("format")
         known = {f.name for f in fields(cls)}
         try:
