@@ -60,13 +60,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def mistral_shaped(device: str):
-    """A random-weight Mistral-7B-shaped model (bf16) and the embedded tokenizer (its vocab is only for text)."""
+def mistral_shaped(device: str, layers: int = 32):
+    """A random-weight Mistral-7B-shaped model (bf16) and the embedded tokenizer (its vocab is only for text).
+
+    ``layers`` < 32 keeps every other dimension and shrinks depth (a CPU check of this code path)."""
     from transformers import MistralConfig, MistralForCausalLM
 
     from memorag_core.models import load_tokenizer
 
-    config = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    config = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                            rope_theta=1e6)
     with torch.device(device):
@@ -82,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--book", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/harry_potter.txt")
     p.add_argument("--gpu-mistral", action="store_true", help="Mistral-7B-shaped random model in bf16 on CUDA")
+    p.add_argument("--mistral-layers", type=int, default=32, help="depth of the Mistral-shaped model (CPU check: 1)")
+    p.add_argument("--device", default="cuda", help="device of the Mistral-shaped model (cpu only to check the path)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--queries", type=int, default=3, help="queries timed per stage (CPU mode)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
     if args.gpu_mistral:
-        if not torch.cuda.is_available():
-            p.error("--gpu-mistral needs a CUDA GPU")
-        model, tok = mistral_shaped("cuda")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            p.error("--gpu-mistral needs a CUDA GPU (or --device cpu --mistral-layers 1 to check the code path)")
+        model, tok = mistral_shaped(args.device, args.mistral_layers)
         vocab = model.config.vocab_size
         ids = torch.randint(100, vocab, (args.tokens,)).tolist()
         text = None
@@ -111,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         start = time.perf_counter()
         if text is None:  # random ids on the GPU model: feed ids directly through the same code path
+            # random ids stand in for text (the tokenizer's vocab is not the model's): a 64-token uncompressed
+            # prefix, then the body through the same windowed code path as memorize()
             mem.prompts = __import__("memorag_core.prompts", fromlist=["EN"]).EN
-            mem._ingest(mem.head_ids(), is_prefix=True)
+            mem._ingest(ids[:64], is_prefix=True)
             mem._ingest(ids, is_prefix=False)
             mem.stats.raw_tokens = len(ids)
             mem.stats.entries = mem._state_entries()
