@@ -18,6 +18,7 @@ Decisions, where upstream keyed behaviour on model names:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -109,6 +110,15 @@ def _detect_memory_kind(model: str | None, options: LoadOptions) -> str:
     return kind
 
 
+def upstream_memory_config(model: str | None, ratio: int, options: LoadOptions, kind: str | None = None,
+                           **extra: Any) -> MemoryConfig:
+    """The memory config that upstream's arguments describe: the kind from the checkpoint (unless given), remote
+    code allowed only for beacon checkpoints. ``extra`` goes to :class:`MemoryConfig`."""
+    kind = kind or _detect_memory_kind(model, options)
+    return MemoryConfig(kind=kind, model=model, ratio=ratio,
+                        load=dataclasses.replace(options, trust_remote_code=kind == "beacon"), **extra)
+
+
 def Memory(model_name_or_path: str | None = None, cache_dir: str | None = None, access_token: str | None = None,
            beacon_ratio: int | None = 4, load_in_4bit: bool = False, enable_flash_attn: bool = False,
            **config: Any) -> MemoryBase:
@@ -119,9 +129,7 @@ def Memory(model_name_or_path: str | None = None, cache_dir: str | None = None, 
                           enable_flash_attn=enable_flash_attn)
     kind = config.pop("kind", None) or _detect_memory_kind(model_name_or_path, options)
     ratio = config.pop("ratio", None) or (1 if kind == "full_kv" else (beacon_ratio or 4))
-    return build_memory(MemoryConfig(kind=kind, model=model_name_or_path, ratio=ratio,
-                                     load=LoadOptions(**{**options.__dict__, "trust_remote_code": kind == "beacon"}),
-                                     **config))
+    return build_memory(upstream_memory_config(model_name_or_path, ratio, options, kind=kind, **config))
 
 
 class MemoRAG:
@@ -159,9 +167,7 @@ class MemoRAG:
         options = LoadOptions(cache_dir=cache_dir, access_token=access_token, load_in_4bit=load_in_4bit,
                               enable_flash_attn=enable_flash_attn)
         if memory_config is None:
-            kind = _detect_memory_kind(mem_model_name_or_path, options)
-            memory_config = MemoryConfig(kind=kind, model=mem_model_name_or_path, ratio=beacon_ratio,
-                                         load=LoadOptions(**{**options.__dict__, "trust_remote_code": kind == "beacon"}))
+            memory_config = upstream_memory_config(mem_model_name_or_path, beacon_ratio, options)
         self.memory: MemoryBase = build_memory(memory_config)
         if generator is not None:
             self.generator = load_generator(generator)
