@@ -221,7 +221,8 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     ms, ce = config.memory_stage, config.chunk_embed
     memorized = units.map_batches(
         MemoryStage, fn_constructor_args=(ms, config.router, config.store, config.storage_options),
-        compute=ActorPoolStrategy(size=ms.concurrency), batch_size=ms.batch_size, num_cpus=ms.num_cpus,
+        compute=ActorPoolStrategy(size=ms.concurrency, max_tasks_in_flight_per_actor=ms.max_tasks_in_flight),
+        batch_size=ms.batch_size, num_cpus=ms.num_cpus,
         num_gpus=ms.num_gpus, batch_format="pyarrow")
     embedded = memorized.map_batches(
         ChunkEmbedStage, fn_constructor_args=(ce, config.store, config.storage_options, mem_cfg.model),
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, help="quarantine documents longer than this")
     p.add_argument("--actors", type=int, help="memory actors")
     p.add_argument("--actor-cpus", type=float, help="CPUs per memory actor")
+    p.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=None,
+                   help="pin each CPU memory actor to cores of its own (memory_stage.pin_cpus)")
     p.add_argument("--actor-gpus", type=float, help="GPUs per memory actor (1 on a GPU cluster)")
     p.add_argument("--embed-actors", type=int, help="embed actors")
     p.add_argument("--embed-cpus", type=float, help="CPUs per embed actor")
@@ -382,6 +385,7 @@ def config_from_args(args: argparse.Namespace) -> MemorizeJobConfig:
     put("validate.max_chars", args.max_chars)
     put("memory_stage.concurrency", args.actors)
     put("memory_stage.num_cpus", args.actor_cpus)
+    put("memory_stage.pin_cpus", args.pin_cpus)
     put("memory_stage.num_gpus", args.actor_gpus)
     put("chunk_embed.concurrency", args.embed_actors)
     put("chunk_embed.num_cpus", args.embed_cpus)

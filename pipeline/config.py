@@ -64,6 +64,14 @@ class MemoryStageConfig(_Config):
     batch_size: int = Field(1, gt=0, description="Units handed to an actor per call.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per memory actor (fractional in tests).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per memory actor: 1 on a GPU cluster, 0 on CPU.")
+    max_tasks_in_flight: int = Field(1, gt=0, description=(
+        "Batches queued on one memory actor at a time (Ray's max_tasks_in_flight_per_actor). 1 (default): an "
+        "actor takes the next unit only when it is free, so units of uneven length cannot pile up behind a busy "
+        "actor while another idles at the end of the stage; raise it only when unit reads dominate."))
+    pin_cpus: bool = Field(False, description=(
+        "CPU actors (num_gpus 0) pin themselves to max(1, num_cpus) cores of their own and use that many torch "
+        "threads (pipeline.cpu_pin); nothing is pinned when the node has too few free cores. Measured +5-10% "
+        "tokens/s per actor on 2 cores; leave off on nodes shared with other CPU-heavy work."))
 
 
 class ChunkEmbedConfig(_Config):

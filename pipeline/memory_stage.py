@@ -71,6 +71,15 @@ class MemoryStage:
 
         self.config, self.router, self.storage_dtype = config, router, storage_dtype
         self.store = CollectionStore(store_url, storage_options)
+        self.pinned = None
+        if config.pin_cpus and not config.num_gpus:
+            import torch
+
+            from pipeline.cpu_pin import claim_cpus
+
+            self.pinned = claim_cpus(max(1, int(config.num_cpus)))
+            if self.pinned:
+                torch.set_num_threads(len(self.pinned))
         t0 = time.perf_counter()
         self.memory = build_memory(config.memory)
         self.fingerprint = self.memory.fingerprint()

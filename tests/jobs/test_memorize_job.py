@@ -225,14 +225,16 @@ def test_kill_and_resume_is_byte_identical(baseline, ray_local, tmp_path):
 
 def test_memorag_memorize_cli_runs_the_job(baseline, tmp_path):
     """``memorag memorize --corpus X --collection Y --store Z`` (jobs.cli.main) runs the job: into the baseline's
-    store every unit is found done, and the new collection's files equal the baseline's."""
+    store every unit is found done, and the new collection's files equal the baseline's (with the memory actor
+    pinned to a core of its own: --pin-cpus)."""
     from jobs.cli import main as cli_main
 
     cfg_file = tmp_path / "job.json"
     cfg_file.write_text(baseline.config.model_dump_json(by_alias=True))
     stats_file = tmp_path / "stats.json"
     rc = cli_main(["memorize", "--config", str(cfg_file), "--corpus", str(baseline.corpus), "--collection",
-                   "books-cli", "--store", baseline.store, "--gist", "cheap", "--stats-json", str(stats_file)])
+                   "books-cli", "--store", baseline.store, "--gist", "cheap", "--pin-cpus", "--stats-json",
+                   str(stats_file)])
     assert rc == 0
     stats = json.loads(stats_file.read_text())
     assert stats["collection"] == "books-cli" and stats["documents"] == baseline.stats.documents
@@ -248,9 +250,10 @@ def test_bad_config_and_cli_flags(tmp_path, capsys):
 
     args = build_parser().parse_args(["--corpus", "c.jsonl", "--collection", "x", "--store", str(tmp_path),
                                       "--actors", "2", "--actor-cpus", "0.5", "--gist", "cheap",
-                                      "--local-prepare-bytes", "0"])
+                                      "--local-prepare-bytes", "0", "--pin-cpus"])
     cfg = config_from_args(args)
     assert cfg.memory_stage.concurrency == 2 and cfg.memory_stage.num_cpus == 0.5 and cfg.router.gist == "cheap"
+    assert cfg.memory_stage.pin_cpus and cfg.memory_stage.max_tasks_in_flight == 1
     assert cfg.local_prepare_bytes == 0
 
     def run_main(argv: list[str]) -> str:
