@@ -135,6 +135,14 @@ class EvalConfig:
         return d
 
 
+def _same_field(name: str, a: Any, b: Any) -> bool:
+    """Whether two fingerprint values are the same setting: the dataset may be named by another path to the same
+    file (relative paths are read from the current folder)."""
+    if name == "dataset" and isinstance(a, str) and isinstance(b, str):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
 def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpus": os.cpu_count()}
@@ -235,9 +243,9 @@ class EvalRunner:
         fp = self.config.fingerprint()
         if self.predictions_path.exists() and not self.config.overwrite:
             results = load_results(self.predictions_path)
-            if results.get("config_fingerprint") != fp:
-                changed = sorted(k for k in set(fp) | set(results.get("config_fingerprint", {}))
-                                 if fp.get(k) != results.get("config_fingerprint", {}).get(k))
+            old = results.get("config_fingerprint", {})
+            changed = sorted(k for k in set(fp) | set(old) if not _same_field(k, fp.get(k), old.get(k)))
+            if changed:
                 raise InvalidInputError(
                     f"{self.predictions_path} was written with a different config (fields {changed}); use another "
                     "output folder, or overwrite=True (--overwrite) to start afresh")

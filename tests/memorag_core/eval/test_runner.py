@@ -5,6 +5,8 @@ recall is computed from the retrieved titles, skipped examples say why, resuming
 is refused, and the pooled memory is saved once and reloaded.
 """
 
+import os
+
 import pytest
 
 from memorag_core.errors import InvalidInputError
@@ -112,6 +114,10 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     EvalRunner(config, pipeline=again).run(examples)
     assert again.calls == {"clues": 0, "answer": 0}
     assert load_results(out / "predictions.json")["settings"]["per_question"]["predictions"] == first
+    # the same dataset named by another path (relative to the current folder) is the same run
+    renamed = _Counting(shared_pipeline)
+    EvalRunner(_config(tmp_path, tiny_lm_dir, dataset=os.path.relpath(HOTPOT)), pipeline=renamed).run(examples)
+    assert renamed.calls == {"clues": 0, "answer": 0}
 
     # pooled predictions removed: the saved pooled memory is loaded, not memorized again
     res = load_results(out / "predictions.json")
