@@ -101,6 +101,9 @@ class GCReport:
     """Version folders deleted."""
     removed_units: list[str] = field(default_factory=list)
     """Unit ids whose memory was deleted (referenced by no kept version of any collection)."""
+    removed_staging: list[str] = field(default_factory=list)
+    """Staged per-unit chunk tables deleted (``staging/chunks/<key>/<unit_id>.parquet``, as ``<key>/<unit_id>``)
+    whose unit no kept version uses: the memorize job's resume cache for units that were dropped."""
     freed_bytes: int = 0
     """Bytes deleted."""
 
@@ -229,7 +232,8 @@ class CollectionStore:
 
     # -- garbage collection ----------------------------------------------------------------------------------
     def gc(self, collection: str, keep_last: int = 1, *, min_age_s: float = 3600.0) -> GCReport:
-        """Delete old versions of ``collection`` and unit memories that no kept version of any collection uses.
+        """Delete old versions of ``collection``, and unit memories and staged chunk tables that no kept version of
+        any collection uses.
 
         Kept: the live version; the newest ``keep_last`` versions with a manifest; and anything younger than
         ``min_age_s`` (a version or unit a concurrent job is still writing, not yet published). The live
@@ -284,9 +288,39 @@ class CollectionStore:
             sfs.with_retries(lambda: self.fs.rm(sfs.join(units_dir, uid), recursive=True),
                              what=f"delete {self._u(sfs.join(units_dir, uid))}")
             report.removed_units.append(uid)
-        logger.info("gc %s: removed %d versions, %d units, %d bytes; live %s", collection,
-                    len(report.removed_versions), len(report.removed_units), report.freed_bytes, live)
+        self._gc_staging(referenced, now, min_age_s, report)
+        logger.info("gc %s: removed %d versions, %d units, %d staged chunk tables, %d bytes; live %s", collection,
+                    len(report.removed_versions), len(report.removed_units), len(report.removed_staging),
+                    report.freed_bytes, live)
         return report
+
+    def _gc_staging(self, referenced: set[str], now: datetime, min_age_s: float, report: GCReport) -> None:
+        """Delete staged chunk tables (the memorize job's per-unit cache) of units no kept version uses."""
+        staging = self._p("staging", "chunks")
+        try:
+            key_dirs = self.fs.ls(staging, detail=False)
+        except FileNotFoundError:
+            return
+        for kdir in key_dirs:
+            key = kdir.rstrip("/").split("/")[-1]
+            try:
+                files = self.fs.ls(kdir, detail=False)
+            except FileNotFoundError:
+                continue
+            for f in files:
+                name = f.rstrip("/").split("/")[-1]
+                if not name.endswith(".parquet") or name[: -len(".parquet")] in referenced:
+                    continue
+                try:
+                    info = self.fs.info(f)
+                    age = (now - self.fs.modified(f).astimezone(timezone.utc)).total_seconds()
+                except FileNotFoundError:
+                    continue
+                if age < min_age_s:  # a running job may be about to publish it
+                    continue
+                sfs.with_retries(lambda: self.fs.rm(f), what=f"delete {self._u(f)}")
+                report.freed_bytes += int(info.get("size") or 0)
+                report.removed_staging.append(f"{key}/{name[: -len('.parquet')]}")
 
     def _du(self, path: str) -> int:
         try:

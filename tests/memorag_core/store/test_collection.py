@@ -123,15 +123,23 @@ def test_gc_keeps_live_and_units_of_kept_versions(backend):
     loser = store.new_version("c")
     live = w_live.publish(Manifest(units={"u3": info3.to_dict()}))
     store.write_unit_memory("orphan", make_memory(seed=3))
+    # the memorize job's staged chunk tables: one per unit, under an embedder key
+    fs, root = sfs.open_url(backend.root_url, backend.storage_options)
+    fs.makedirs(f"{root}/staging/chunks/k1", exist_ok=True)
+    for uid in ("u1", "u2", "u3", "orphan"):
+        fs.pipe_file(f"{root}/staging/chunks/k1/{uid}.parquet", b"staged " + uid.encode())
     with pytest.raises(PublishConflictError):
         loser.publish(Manifest())
     assert store.current_version("c") == live and loser.version > live
     young = store.gc("c", keep_last=1)  # default min_age_s: everything is too young to delete
-    assert young.removed_versions == [] and young.removed_units == []
+    assert young.removed_versions == [] and young.removed_units == [] and young.removed_staging == []
     report = store.gc("c", keep_last=1, min_age_s=0)
     assert report.live == live
     assert sorted(report.removed_versions) == sorted([v1, v2])
     assert sorted(report.removed_units) == ["orphan", "u2"]  # u1 is used by 'other', u3 by the live version
+    assert sorted(report.removed_staging) == ["k1/orphan", "k1/u2"]
+    assert sorted(p.split("/")[-1] for p in fs.ls(f"{root}/staging/chunks/k1", detail=False)) == [
+        "u1.parquet", "u3.parquet"]
     assert report.freed_bytes > 0
     assert store.list_versions("c") == [live, loser.version]
     assert store.open_version("c").read_unit_memory("u3").header["model"] == "tiny"
