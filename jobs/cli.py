@@ -38,17 +38,36 @@ def read_context(path: Path) -> str:
     return check_text(path.read_bytes(), str(path))
 
 
-def _pipeline(mem_model: Optional[str], embedder: Optional[str], generator: Optional[str], ratio: int, window: int,
-              kind: str, positions: str, hits: int, chunk_size: int):
+def _pipeline(config, embedder: Optional[str], generator: Optional[str], hits: int, chunk_size: int):
     from memorag_core.facade import MemoRAG
-    from memorag_core.memory import MemoryConfig
 
-    config = MemoryConfig(kind=kind, model=mem_model, ratio=1 if kind == "full_kv" else ratio, window=window,
-                          positions=positions)
     pipe = MemoRAG(ret_model_name_or_path=embedder, gen_model_name_or_path=generator, ret_hit=hits,
                    retrieval_chunk_size=chunk_size, memory_config=config)
     pipe.memory.show_progress = True
     return pipe
+
+
+def _memory_config(model: Optional[str], kind: str, ratio: int, window: int, positions: str):
+    from memorag_core.memory import MemoryConfig
+
+    return MemoryConfig(kind=kind, model=model, ratio=1 if kind == "full_kv" else ratio, window=window,
+                        positions=positions)
+
+
+def stored_memory_config(bundle_dir: str, **overrides):
+    """The memory config a bundle was memorized with (its manifest), with the non-None ``overrides`` applied.
+
+    Bundles written before the manifest recorded the config give the defaults plus the overrides.
+    """
+    from memorag_core.memory import MemoryConfig
+    from memorag_core.store.bundle import Bundle
+
+    stored = dict((Bundle(bundle_dir).read_manifest().get("memory") or {}).get("config") or {})
+    stored.pop("load", None)  # device and dtype belong to this machine, not to the bundle
+    stored.update({k: v for k, v in overrides.items() if v is not None})
+    if stored.get("kind") == "full_kv":
+        stored["ratio"] = 1
+    return MemoryConfig(**stored)
 
 
 @app.command()
@@ -69,7 +88,7 @@ def memorize(
     text = read_context(path)
     if max_chars:
         text = text[:max_chars]
-    pipe = _pipeline(model, embedder, None, ratio, window, kind, positions, 3, chunk_size)
+    pipe = _pipeline(_memory_config(model, kind, ratio, window, positions), embedder, None, 3, chunk_size)
     start = time.perf_counter()
     pipe.memorize(text, save_dir=save_dir, print_stats=True, storage_dtype=storage_dtype)
     typer.echo(f"saved to {save_dir} in {time.perf_counter() - start:.1f}s")
@@ -80,21 +99,22 @@ def ask(
     question: Optional[str] = typer.Argument(None, help="the question (omit with --task summarize)"),
     from_dir: str = typer.Option(..., "--from", help="bundle written by `memorag memorize`"),
     task: str = typer.Option("memorag", help="qa (memory only) | memorag (clues + retrieval) | summarize"),
-    model: Optional[str] = typer.Option(None, help="memory model used to memorize (default: embedded)"),
+    model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
     embedder: Optional[str] = typer.Option(None, help="embedder used to memorize (default: embedded)"),
     generator: Optional[str] = typer.Option(None, help="generator spec: path, hf:ID, vllm:ID, openai:MODEL@URL"),
-    kind: str = typer.Option("compressed_kv", help="memory kind used to memorize"),
-    ratio: int = typer.Option(4, help="ratio used to memorize"),
-    window: int = typer.Option(1024, help="window used to memorize"),
-    positions: str = typer.Option("compact", help="positions used to memorize"),
+    kind: Optional[str] = typer.Option(None, help="memory kind (default: from the bundle)"),
+    ratio: Optional[int] = typer.Option(None, help="compression ratio (default: from the bundle)"),
+    window: Optional[int] = typer.Option(None, help="prefill window (default: from the bundle)"),
+    positions: Optional[str] = typer.Option(None, help="compact | original (default: from the bundle)"),
     hits: int = typer.Option(3, help="retrieved chunks per clue"),
     max_new_tokens: int = typer.Option(128, help="most tokens in the answer"),
     clue_max_new_tokens: int = typer.Option(64, help="most tokens per clue (spans, surrogate questions, draft)"),
     use_memory_answer: bool = typer.Option(False, help="add the memory's draft answer to the evidence"),
     show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
 ) -> None:
-    """Answer a question from a saved bundle."""
-    pipe = _pipeline(model, embedder, generator, ratio, window, kind, positions, hits, 512)
+    """Answer a question from a saved bundle (memory settings are read from the bundle; flags override them)."""
+    config = stored_memory_config(from_dir, model=model, kind=kind, ratio=ratio, window=window, positions=positions)
+    pipe = _pipeline(config, embedder, generator, hits, 512)
     pipe.load(from_dir)
     start = time.perf_counter()
     if task == "memorag":

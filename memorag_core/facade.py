@@ -244,7 +244,8 @@ class MemoRAG:
         self._manifest = bundle.commit({
             "kind": "memorag-bundle",
             "memory": {"kind": self.memory.kind, "model": self.memory.model_id,
-                       "revision": self.memory.model_revision, "stats": self.memory.stats.to_dict()},
+                       "revision": self.memory.model_revision, "stats": self.memory.stats.to_dict(),
+                       "config": self.memory.config.to_dict()},
             "retrieval": {"embedder": getattr(self.embedder, "name", None), "chunk_size": self.retrieval_chunk_size,
                           "chunks": len(self.retriever.corpus), "index": self.index_config.__dict__},
         })

@@ -18,10 +18,14 @@ def test_memorize_then_ask(tiny_lm_dir, shared_data_dir, tmp_path, capsys):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"memory.safetensors", "chunks.parquet", "index.faiss"} <= set(manifest["files"])
 
-    assert main(["ask", "Who lives on Privet Drive?", "--from", str(bundle), *common,
-                 "--max-new-tokens", "4"]) == 0
+    assert manifest["memory"]["config"]["ratio"] == 4 and manifest["memory"]["config"]["window"] == 256
+    # ask reads model, ratio and window from the bundle: no flags needed
+    assert main(["ask", "Who lives on Privet Drive?", "--from", str(bundle), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "clues:" in out and "answer:" in out and "retrieved" in out
+    # a flag that contradicts the bundle is an override, refused by the memory file's fingerprint check
+    assert main(["ask", "Who?", "--from", str(bundle), "--ratio", "8", "--max-new-tokens", "3"]) == 2
+    assert "load it with the same model and config" in capsys.readouterr().err
     assert main(["ask", "Who?", "--from", str(bundle), "--task", "qa", *common, "--max-new-tokens", "3"]) == 0
     assert "answer:" in capsys.readouterr().out
 
