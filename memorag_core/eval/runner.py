@@ -357,7 +357,11 @@ class EvalRunner:
             memory.load(str(path))
             action = "loaded"
         else:
-            memory.memorize(context)
+            shown, memory.show_progress = memory.show_progress, True  # the pool takes minutes to hours: a bar
+            try:
+                memory.memorize(context)
+            finally:
+                memory.show_progress = shown
             path.parent.mkdir(parents=True, exist_ok=True)
             memory.save(str(path))
             action = "memorized"
