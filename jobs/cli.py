@@ -47,11 +47,13 @@ def _pipeline(config, embedder: Optional[str], generator: Optional[str], hits: i
     return pipe
 
 
-def _memory_config(model: Optional[str], kind: str, ratio: int, window: int, positions: str):
+def _memory_config(**fields):
+    """A MemoryConfig from ``fields``; full_kv keeps every entry, so its ratio is 1 whatever was asked."""
     from memorag_core.memory import MemoryConfig
 
-    return MemoryConfig(kind=kind, model=model, ratio=1 if kind == "full_kv" else ratio, window=window,
-                        positions=positions)
+    if fields.get("kind") == "full_kv":
+        fields["ratio"] = 1
+    return MemoryConfig(**fields)
 
 
 def stored_memory_config(bundle_dir: str, **overrides):
@@ -59,15 +61,12 @@ def stored_memory_config(bundle_dir: str, **overrides):
 
     Bundles written before the manifest recorded the config give the defaults plus the overrides.
     """
-    from memorag_core.memory import MemoryConfig
     from memorag_core.store.bundle import Bundle
 
     stored = dict((Bundle(bundle_dir).read_manifest().get("memory") or {}).get("config") or {})
     stored.pop("load", None)  # device and dtype belong to this machine, not to the bundle
     stored.update({k: v for k, v in overrides.items() if v is not None})
-    if stored.get("kind") == "full_kv":
-        stored["ratio"] = 1
-    return MemoryConfig(**stored)
+    return _memory_config(**stored)
 
 
 @app.command()
@@ -88,7 +87,8 @@ def memorize(
     text = read_context(path)
     if max_chars:
         text = text[:max_chars]
-    pipe = _pipeline(_memory_config(model, kind, ratio, window, positions), embedder, None, 3, chunk_size)
+    config = _memory_config(kind=kind, model=model, ratio=ratio, window=window, positions=positions)
+    pipe = _pipeline(config, embedder, None, 3, chunk_size)
     start = time.perf_counter()
     pipe.memorize(text, save_dir=save_dir, print_stats=True, storage_dtype=storage_dtype)
     typer.echo(f"saved to {save_dir} in {time.perf_counter() - start:.1f}s")
