@@ -48,10 +48,9 @@ class CompressedKVMemory(Memory):
 
     def __init__(self, config, model=None, tokenizer=None) -> None:
         super().__init__(config, model, tokenizer)
-        if self.config.ratio > 1:
-            # Scoring needs the final query states; our attention implementation records them (plain SDPA
-            # otherwise), so it is safe to leave on for generation too.
-            self.model.set_attn_implementation(scoring.register())
+        # Our attention implementation records scores for compression and decodes after the memory without
+        # copying it (memorag_core/memory/attention.py); otherwise it is plain SDPA.
+        self.model.set_attn_implementation(scoring.register())
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         self._max_positions = int(max_pos) if max_pos else None
 

@@ -5,6 +5,10 @@ entries for T >> M tokens and its next position may be M (compact) or T (origina
 ourselves: left-padded prompts, a 2-D attention mask of ``[memory ones | prompt mask | generated ones]`` and
 explicit position ids per row. Masks come from the cache length (transformers builds the causal part from it),
 positions only feed the rotary embedding.
+
+The memory is never copied or modified: the model gets a :func:`~memorag_core.memory.attention.tail_cache` that
+holds only the prompt and generated entries (preallocated, written in place), and the ``memorag_sdpa`` attention
+reads the batch-1 memory once per step for every row (memorag_core/memory/attention.py).
 """
 
 from __future__ import annotations
@@ -13,16 +17,7 @@ from typing import Any
 
 import torch
 
-
-def _expand_cache(cache: Any, batch: int) -> Any:
-    """A new DynamicCache holding ``batch`` copies of a batch-1 cache (each layer (batch, kv_heads, M, d))."""
-    from transformers import DynamicCache
-
-    out = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys.expand(batch, -1, -1, -1).contiguous(),
-                   layer.values.expand(batch, -1, -1, -1).contiguous(), i)
-    return out
+from memorag_core.memory import attention
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float | None, generator: torch.Generator | None):
@@ -46,7 +41,8 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
     """Generate for each prompt after the memory in ``cache``; the cache is left as it was.
 
     Args:
-        model: a Hugging Face causal LM.
+        model: a Hugging Face causal LM whose attention implementation is ``memorag_sdpa``
+            (:func:`memorag_core.memory.attention.register`).
         cache: a batch-1 DynamicCache with M entries per layer, each (1, kv_heads, M, head_dim).
         next_position: rotary position of the first prompt token.
         prompts: token ids per prompt (any lengths; left-padded into one batch).
@@ -56,6 +52,11 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
     Returns:
         the generated ids of each prompt, EOS excluded.
     """
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != attention.ATTN_IMPLEMENTATION:
+        raise ValueError(f"decode_after_cache needs the model's attention implementation to be "
+                         f"{attention.ATTN_IMPLEMENTATION!r} (model.set_attn_implementation(attention.register())); "
+                         f"it is {impl!r}")
     device = model.device
     batch = len(prompts)
     mem_len = cache.get_seq_length()
@@ -68,12 +69,13 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
     ids, qmask = ids.to(device), qmask.to(device)
     positions = next_position + (qmask.cumsum(dim=1) - 1).clamp(min=0)  # (b, L)
     attn = torch.cat([torch.ones((batch, mem_len), dtype=torch.long, device=device), qmask], dim=1)  # (b, M+L)
-    work = cache if batch == 1 else _expand_cache(cache, batch)
+    work = attention.tail_cache(cache, batch, capacity=width + max_new_tokens,
+                                num_layers=model.config.get_text_config().num_hidden_layers)
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     out: list[list[int]] = [[] for _ in range(batch)]
     done = torch.zeros(batch, dtype=torch.bool)
     seen = [set(p) for p in prompts] if repetition_penalty and repetition_penalty != 1.0 else None
-    try:
+    with attention.shared_prefix(work):
         logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=work,
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, vocab)
         cur = positions[:, -1] + 1  # (b,)
@@ -102,7 +104,4 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
             logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=cur[:, None],
                            past_key_values=work, use_cache=True).logits[:, -1].float()  # (b, vocab)
             cur = cur + 1
-    finally:
-        if batch == 1:
-            work.crop(mem_len - work.get_seq_length())  # drop the prompt and generated entries
     return out
