@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from memorag_core.errors import InvalidInputError
+from memorag_core.errors import CorruptArtifactError, InvalidInputError
 from memorag_core.eval.datasets import load_examples
 from memorag_core.eval.metrics import evidence_recall
 from memorag_core.eval.report import load_results
@@ -119,8 +119,10 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     EvalRunner(_config(tmp_path, tiny_lm_dir, dataset=os.path.relpath(HOTPOT)), pipeline=renamed).run(examples)
     assert renamed.calls == {"clues": 0, "answer": 0}
 
-    # pooled predictions removed: the saved pooled memory is loaded, not memorized again
+    # pooled predictions removed: the saved pooled memory and index are loaded, not memorized or embedded again
     res = load_results(out / "predictions.json")
+    pooled_first = res["settings"]["pooled"]["predictions"]
+    assert info["index_seconds"] > 0 and len(list((out / "pooled_index").glob("*/manifest.json"))) == 1
     res["settings"]["pooled"]["predictions"] = {m: {} for m in MODES}
     from memorag_core.eval.report import save_results
 
@@ -129,7 +131,17 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     results3 = EvalRunner(config, pipeline=third).run(examples)
     info3 = results3["settings"]["pooled"]["info"]
     assert info3["memory_action"] == "loaded" and info3["memorize_seconds"] > 0 and "load_seconds" in info3
+    assert "index_load_seconds" in info3 and info3["index_seconds"] == info["index_seconds"]
     assert third.calls == {"clues": 2, "answer": 8}
+    pooled_third = results3["settings"]["pooled"]["predictions"]
+    for ex in examples:
+        assert pooled_third["rag"][ex.id]["evidence_chunk_ids"] == pooled_first["rag"][ex.id]["evidence_chunk_ids"]
+    # a damaged saved index is refused by its checksum, not used
+    index_file = next((out / "pooled_index").glob("*/g-*/index.faiss"))
+    index_file.write_bytes(index_file.read_bytes()[:-8] + b"\0" * 8)
+    save_results(res, out / "predictions.json")
+    with pytest.raises(CorruptArtifactError, match="index.faiss"):
+        EvalRunner(config, pipeline=_Counting(shared_pipeline)).run(examples)
 
     # a changed config is refused, naming the field
     with pytest.raises(InvalidInputError, match="hits"):
