@@ -47,26 +47,18 @@ def _pipeline(config, embedder: Optional[str], generator: Optional[str], hits: i
     return pipe
 
 
-def _memory_config(**fields):
-    """A MemoryConfig from ``fields``; full_kv keeps every entry, so its ratio is 1 whatever was asked."""
-    from memorag_core.memory import MemoryConfig
-
-    if fields.get("kind") == "full_kv":
-        fields["ratio"] = 1
-    return MemoryConfig(**fields)
-
-
 def stored_memory_config(bundle_dir: str, **overrides):
     """The memory config a bundle was memorized with (its manifest), with the non-None ``overrides`` applied.
 
     Bundles written before the manifest recorded the config give the defaults plus the overrides.
     """
+    from memorag_core.memory import MemoryConfig
     from memorag_core.store.bundle import Bundle
 
     stored = dict((Bundle(bundle_dir).read_manifest().get("memory") or {}).get("config") or {})
     stored.pop("load", None)  # device and dtype belong to this machine, not to the bundle
     stored.update({k: v for k, v in overrides.items() if v is not None})
-    return _memory_config(**stored)
+    return MemoryConfig.for_kind(**stored)
 
 
 @app.command()
@@ -84,10 +76,12 @@ def memorize(
     storage_dtype: Optional[str] = typer.Option(None, help="store K/V as int8 or fp8 (default: keep dtype)"),
 ) -> None:
     """Memorize a text (or a folder of texts) into a bundle: memory, chunks and index."""
+    from memorag_core.memory import MemoryConfig
+
     text = read_context(path)
     if max_chars:
         text = text[:max_chars]
-    config = _memory_config(kind=kind, model=model, ratio=ratio, window=window, positions=positions)
+    config = MemoryConfig.for_kind(kind=kind, model=model, ratio=ratio, window=window, positions=positions)
     pipe = _pipeline(config, embedder, None, 3, chunk_size)
     start = time.perf_counter()
     pipe.memorize(text, save_dir=save_dir, print_stats=True, storage_dtype=storage_dtype)

@@ -115,8 +115,8 @@ def upstream_memory_config(model: str | None, ratio: int, options: LoadOptions, 
     """The memory config that upstream's arguments describe: the kind from the checkpoint (unless given), remote
     code allowed only for beacon checkpoints. ``extra`` goes to :class:`MemoryConfig`."""
     kind = kind or _detect_memory_kind(model, options)
-    return MemoryConfig(kind=kind, model=model, ratio=ratio,
-                        load=dataclasses.replace(options, trust_remote_code=kind == "beacon"), **extra)
+    return MemoryConfig.for_kind(kind=kind, model=model, ratio=ratio,
+                                 load=dataclasses.replace(options, trust_remote_code=kind == "beacon"), **extra)
 
 
 def Memory(model_name_or_path: str | None = None, cache_dir: str | None = None, access_token: str | None = None,

@@ -194,9 +194,8 @@ class EvalRunner:
 
         c = self.config
         trust = c.memory_kind == "beacon"  # beacon checkpoints run their own modelling code
-        return MemoryConfig(kind=c.memory_kind, model=c.mem_model, ratio=1 if c.memory_kind == "full_kv" else ratio,
-                            window=c.window, positions=c.positions,
-                            load=LoadOptions(device=c.device, trust_remote_code=trust))
+        return MemoryConfig.for_kind(kind=c.memory_kind, model=c.mem_model, ratio=ratio, window=c.window,
+                                     positions=c.positions, load=LoadOptions(device=c.device, trust_remote_code=trust))
 
     def _use_memory(self, ratio: int) -> None:
         """Point the pipeline at a memory with ``ratio``, sharing the loaded model (built once per ratio)."""

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from memorag_core.errors import InvalidInputError
 from memorag_core.models import LoadOptions
@@ -47,6 +48,14 @@ class MemoryConfig:
         "longest query (in tokens) accepted by recall/rewrite/answer; longer raises InvalidInputError"))
     load: LoadOptions = field(default_factory=LoadOptions, metadata=_help(
         "how to load the model: dtype, device, cache_dir, token, 4-bit, flash attention, remote code"))
+
+    @classmethod
+    def for_kind(cls, **fields: Any) -> "MemoryConfig":
+        """A config from ``fields`` where the kind fixes what it implies: full_kv keeps every entry (ratio 1,
+        whatever ratio was asked, e.g. a CLI default or upstream's beacon_ratio)."""
+        if fields.get("kind") == "full_kv":
+            fields["ratio"] = 1
+        return cls(**fields)
 
     def __post_init__(self) -> None:
         if isinstance(self.load, dict):

@@ -120,6 +120,8 @@ def test_upstream_readme_code_runs_with_names_changed(tiny_lm_dir, book, tmp_pat
     assert isinstance(memo_model.summarize(max_new_tokens=4), str)
     memo_model.load("cache/harry_potter/memory.bin")
     assert isinstance(memo_model.answer(query, max_new_tokens=4), str)
+    # upstream's default beacon_ratio does not clash with a full KV memory: it keeps everything
+    assert Memory(str(tiny_lm_dir), beacon_ratio=4, kind="full_kv").config.ratio == 1
 
     lite = MemoRAGLite(gen_model_name_or_path=str(tiny_lm_dir), gist_chunk_tokens=400)
     lite.memory.config.gist_max_new_tokens = 8

@@ -191,6 +191,9 @@ def test_bad_input_errors_name_the_cause(tiny, book):
             MemoryConfig(ratio=bad)
     with pytest.raises(InvalidInputError, match="full_kv"):
         MemoryConfig(kind="full_kv", ratio=4)
+    # callers with a ratio default (CLI, eval, upstream's beacon_ratio) build through for_kind: full_kv means 1
+    assert MemoryConfig.for_kind(kind="full_kv", ratio=4).ratio == 1
+    assert MemoryConfig.for_kind(kind="compressed_kv", ratio=4).ratio == 4
     with pytest.raises(InvalidInputError, match="positions"):
         MemoryConfig(positions="middle")
 
