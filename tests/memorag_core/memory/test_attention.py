@@ -32,7 +32,9 @@ def _layer(mem_k, mem_v):
 
 
 @pytest.mark.parametrize("q_len", [1, 5])  # a decode step, a prompt
-def test_prefix_attention_equals_attention_over_the_concatenation(q_len):
+@pytest.mark.parametrize("fused_gqa", [True, False])  # False: the CUDA branch (K/V repeated per head)
+def test_prefix_attention_equals_attention_over_the_concatenation(q_len, fused_gqa, monkeypatch):
+    monkeypatch.setattr(attention, "masked_gqa_is_fused", lambda device: fused_gqa)
     g = torch.Generator().manual_seed(0)
     b, heads, kv_heads, m, n, d = 3, 6, 2, 11, 7, 8
     query = torch.randn(b, heads, q_len, d, generator=g)
