@@ -55,11 +55,10 @@ def _tail_layer_class() -> type:
         transformers uses to size the attention mask) count the memory too.
         """
 
-        def __init__(self, mem_keys: torch.Tensor | None, mem_values: torch.Tensor | None, batch: int,
-                     capacity: int) -> None:
+        def __init__(self, mem_keys: torch.Tensor | None, mem_values: torch.Tensor | None, capacity: int) -> None:
             super().__init__()
             self.mem_keys, self.mem_values = mem_keys, mem_values  # (1, kv_heads, M, d) each; None: empty memory
-            self.batch, self.capacity, self.length = batch, capacity, 0
+            self.capacity, self.length = capacity, 0  # the batch size comes from the first update
 
         def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
             self.dtype, self.device = key_states.dtype, key_states.device
@@ -91,13 +90,13 @@ def _tail_layer_class() -> type:
             return self.get_seq_length() + query_length, 0
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("TailCache is written once per decode; it is never cropped")
+            raise NotImplementedError("a tail cache is written once per decode; it is never cropped")
 
     return TailLayer
 
 
-def tail_cache(memory: Any, batch: int, capacity: int, num_layers: int) -> Any:
-    """A transformers ``Cache`` over ``memory`` (batch 1: ``.layers[i].keys`` (1, kv_heads, M, d)) for ``batch`` rows.
+def tail_cache(memory: Any, capacity: int, num_layers: int) -> Any:
+    """A transformers ``Cache`` over ``memory`` (batch 1: ``.layers[i].keys`` (1, kv_heads, M, d)) for any batch.
 
     Args:
         capacity: most prompt + generated entries per row (the longest prompt's width + max new tokens).
@@ -109,7 +108,7 @@ def tail_cache(memory: Any, batch: int, capacity: int, num_layers: int) -> Any:
     mem = [(layer.keys, layer.values) if getattr(layer, "keys", None) is not None and layer.keys.numel() else
            (None, None) for layer in memory.layers]
     mem += [(None, None)] * (num_layers - len(mem))
-    return Cache(layers=[layer_cls(k, v, batch, capacity) for k, v in mem])
+    return Cache(layers=[layer_cls(k, v, capacity) for k, v in mem])
 
 
 def _prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -141,7 +140,9 @@ def _prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
         v = torch.cat([mem_v.expand(b, -1, -1, -1), value], dim=2)
         gqa = heads != kv_heads
         if gqa and not masked_gqa_is_fused(query.device):
-            k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)  # (b, heads, M + n, d)
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            k, v = repeat_kv(k, heads // kv_heads), repeat_kv(v, heads // kv_heads)  # (b, heads, M + n, d)
             gqa = False
         out = torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale,
                                                                enable_gqa=gqa)
@@ -173,12 +174,6 @@ def masked_gqa_is_fused(device: torch.device) -> bool:
     (pytorch/pytorch#139586, huggingface/transformers#45636); repeating K/V per head keeps a fused kernel.
     """
     return device.type == "cpu"
-
-
-def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(b, kv_heads, L, d) -> (b, heads, L, d), each KV head repeated for its group of query heads."""
-    b, kv_heads, length, d = x.shape
-    return x[:, :, None].expand(b, kv_heads, heads // kv_heads, length, d).reshape(b, heads, length, d)
 
 
 def _supported(module: Any, kwargs: dict) -> bool:

@@ -69,7 +69,7 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
     ids, qmask = ids.to(device), qmask.to(device)
     positions = next_position + (qmask.cumsum(dim=1) - 1).clamp(min=0)  # (b, L)
     attn = torch.cat([torch.ones((batch, mem_len), dtype=torch.long, device=device), qmask], dim=1)  # (b, M+L)
-    work = attention.tail_cache(cache, batch, capacity=width + max_new_tokens,
+    work = attention.tail_cache(cache, capacity=width + max_new_tokens,
                                 num_layers=model.config.get_text_config().num_hidden_layers)
     gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
     out: list[list[int]] = [[] for _ in range(batch)]

@@ -65,7 +65,7 @@ def test_prefix_attention_equals_attention_over_the_concatenation(q_len, fused_g
 def test_tail_cache_writes_in_place_and_refuses_overflow():
     mem = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=torch.zeros(1, 2, 5, 4),
                                                               values=torch.zeros(1, 2, 5, 4))])
-    cache = attention.tail_cache(mem, batch=3, capacity=4, num_layers=2)
+    cache = attention.tail_cache(mem, capacity=4, num_layers=2)
     layer = cache.layers[0]
     k, _ = layer.update(torch.ones(3, 2, 3, 4), torch.ones(3, 2, 3, 4))
     assert k.shape == (3, 2, 3, 4) and cache.get_seq_length() == 5 + 3
