@@ -15,6 +15,10 @@ hits both, and the medians are compared. Three rates per run, all in memory-mode
     inside the actors: tokens / seconds spent memorizing, times the number of actors (assumes even load); shows
     whether the actors slow each other down (shared caches, memory bandwidth).
 
+Each run also says who used the CPUs in its steady-state window (``cpu``: cores used on average by the actors, the
+driver, Ray Data's helper actors, Ray's own daemons and everything else; ``benchmarks/cpu_accounting.py``): on a
+2-core machine, whatever is not left to the two actors bounds the 2-vs-1 ratio.
+
     python benchmarks/bench_memorize_actors.py --units 12 --unit-chars 9000 --repeats 2 \\
         [--window 1024] [--pin-cpus] [--json out.json]
 
@@ -34,6 +38,7 @@ import time
 
 import pyarrow as pa
 
+from cpu_accounting import CpuSampler  # benchmarks/ is on sys.path when this file runs as a script
 from pipeline.memory_stage import MemoryStage
 
 logger = logging.getLogger("bench_memorize_actors")
@@ -53,7 +58,7 @@ class TimedMemoryStage(MemoryStage):
 
 
 def run(units: int, unit_chars: int, model: str | None, window: int, actors: int, store: str,
-        pin_cpus: bool = False) -> dict:
+        pin_cpus: bool = False, sampler: CpuSampler | None = None) -> dict:
     """Memorize ``units`` synthetic units with ``actors`` actors; returns tokens, seconds and the three rates."""
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -77,12 +82,14 @@ def run(units: int, unit_chars: int, model: str | None, window: int, actors: int
     seconds = time.perf_counter() - t0
     tokens = sum(r["raw_tokens"] for r in out)
     actor_seconds = sum(r["seconds"] for r in out)
-    span = max(r["t_end"] for r in out) - min(r["t_start"] for r in out)
+    first, last = min(r["t_start"] for r in out), max(r["t_end"] for r in out)
+    span = last - first
+    cpu = sampler.usage(first, last) if sampler is not None else None
     return {"actors": actors, "units": len(out), "tokens": tokens, "seconds": round(seconds, 2),
             "stage_seconds": round(span, 2), "tokens_per_s": round(tokens / seconds, 1),
             "stage_tokens_per_s": round(tokens / span, 1), "actor_seconds": round(actor_seconds, 2),
             "compute_tokens_per_s": round(actors * tokens / actor_seconds, 1),
-            "pinned_cores": sorted({r["pinned"] for r in out})}
+            "pinned_cores": sorted({r["pinned"] for r in out}), "cpu": cpu}
 
 
 def summarize(results: list[dict]) -> dict:
@@ -93,7 +100,15 @@ def summarize(results: list[dict]) -> dict:
         med[actors] = {k: round(statistics.median(r[k] for r in runs), 1)
                        for k in ("tokens_per_s", "stage_tokens_per_s", "compute_tokens_per_s")}
     ratios = {f"{k}_2_vs_1": round(med[2][k] / med[1][k], 2) for k in med[1]}
-    return {"median_1_actor": med[1], "median_2_actors": med[2], **ratios}
+    cores = {}
+    for actors in (1, 2):
+        runs = [r["cpu"]["groups"] for r in results if r["actors"] == actors and r.get("cpu")]
+        if runs:
+            cores[actors] = {g: round(statistics.median(r[g]["cores"] for r in runs), 3) for g in runs[0]}
+    out = {"median_1_actor": med[1], "median_2_actors": med[2], **ratios}
+    if cores:
+        out["median_cores_by_group"] = cores
+    return out
 
 
 def main() -> None:
@@ -109,6 +124,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=MemoryConfig().window, help="memory prefill window (tokens)")
     p.add_argument("--pin-cpus", action="store_true", help="memory_stage.pin_cpus: one core per actor")
     p.add_argument("--model", default=None)
+    p.add_argument("--cpu-interval", type=float, default=1.0, help="seconds between CPU-accounting samples")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -118,12 +134,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         run(2, 1000, args.model, args.window, 1, d)
     results = []
-    for _ in range(args.repeats):
-        for actors in (1, 2):
-            with tempfile.TemporaryDirectory() as d:
-                results.append(run(args.units, args.unit_chars, args.model, args.window, actors, d,
-                                   args.pin_cpus))
-                logger.info("%s", results[-1])
+    with CpuSampler(interval=args.cpu_interval) as sampler:
+        for _ in range(args.repeats):
+            for actors in (1, 2):
+                with tempfile.TemporaryDirectory() as d:
+                    results.append(run(args.units, args.unit_chars, args.model, args.window, actors, d,
+                                       args.pin_cpus, sampler))
+                    logger.info("%s", results[-1])
     report = {"window": args.window, "pin_cpus": args.pin_cpus, "results": results, **summarize(results),
               "loadavg_after": list(os.getloadavg())}
     print(json.dumps(report, indent=1))
