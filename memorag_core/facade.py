@@ -231,16 +231,13 @@ class MemoRAG:
 
     def save(self, save_dir: str, storage_dtype: str | None = None, storage_options: dict | None = None) -> dict:
         """Write memory (safetensors), chunks (Parquet) and index (FAISS bytes) as one bundle; returns its manifest."""
-        import pyarrow as pa
-
         from memorag_core.store.bundle import Bundle
 
         if not self.is_ready:
             raise MemoryNotReadyError("nothing is memorized: there is nothing to save")
         bundle = Bundle(save_dir, storage_options)
         bundle.write_memory("memory.safetensors", self.memory.export(), storage_dtype=storage_dtype)
-        bundle.write_table("chunks.parquet", pa.table({"text": pa.array(self.retriever.corpus, pa.string())}))
-        bundle.write_bytes("index.faiss", self.retriever.index_bytes())
+        self.retriever.write_to(bundle)
         self._manifest = bundle.commit({
             "kind": "memorag-bundle",
             "memory": {"kind": self.memory.kind, "model": self.memory.model_id,
@@ -260,11 +257,9 @@ class MemoRAG:
         manifest = bundle.read_manifest()
         m = bundle.read_memory("memory.safetensors", dtype=self.memory.model.dtype,
                                device=str(self.memory.model.device))
-        corpus = [str(t) for t in bundle.read_table("chunks.parquet").column("text").to_pylist()]
-        index_bytes = bundle.read_bytes("index.faiss")
+        retriever = DenseRetriever.read_from(bundle, self.embedder, self.index_config, hits=self.ret_hit)
         self.memory.import_tensors(m)
-        self.retriever = DenseRetriever.from_parts(self.embedder, corpus, index_bytes, self.index_config,
-                                                   hits=self.ret_hit)
+        self.retriever = retriever
         self._manifest = manifest
         if print_stats:
             self._print_stats(manifest)

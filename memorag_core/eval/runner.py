@@ -380,8 +380,6 @@ class EvalRunner:
         saved bundle (chunks.parquet + index.faiss, checksummed manifest) is keyed by the embedder, the index
         config and the chunk texts; anything else embeds afresh.
         """
-        import pyarrow as pa
-
         from memorag_core.memory.config import stable_hash
         from memorag_core.retrieval import DenseRetriever
         from memorag_core.store.bundle import Bundle
@@ -395,19 +393,17 @@ class EvalRunner:
         if (path / "manifest.json").exists():
             bundle = Bundle(str(path))
             bundle.read_manifest()
-            corpus = [str(x) for x in bundle.read_table("chunks.parquet").column("text").to_pylist()]
-            if corpus != texts:
+            retriever = DenseRetriever.read_from(bundle, pipe.embedder, pipe.index_config, hits=pipe.ret_hit)
+            if retriever.corpus != texts:
                 raise CorruptArtifactError(f"{path}: the saved pooled index holds other chunks than this run's")
-            pipe.retriever = DenseRetriever.from_parts(pipe.embedder, corpus, bundle.read_bytes("index.faiss"),
-                                                       pipe.index_config, hits=pipe.ret_hit)
+            pipe.retriever = retriever
             seconds = time.perf_counter() - t
             logger.info("pooled index loaded from %s in %.1f s", path, seconds)
             return {"index_load_seconds": round(seconds, 2)}
         pipe.index_corpus(texts)
         seconds = time.perf_counter() - t
         bundle = Bundle(str(path))
-        bundle.write_table("chunks.parquet", pa.table({"text": pa.array(texts, pa.string())}))
-        bundle.write_bytes("index.faiss", pipe.retriever.index_bytes())
+        pipe.retriever.write_to(bundle)
         bundle.commit({"kind": "memorag-eval-pooled-index", "chunks": len(texts)})
         logger.info("pooled index of %d chunks built in %.1f s, saved to %s", len(texts), seconds, path)
         # on resume only index_load_seconds is added: index_seconds from the first run stays in the info

@@ -7,13 +7,15 @@ and the query that gave it), and the passages are returned **in corpus order** (
 
 Building (``add``) and answering (``search``) share the embedder; the index and corpus can be saved as bytes +
 a list of strings (:meth:`DenseRetriever.index_bytes`, :attr:`DenseRetriever.corpus`) and restored with
-:meth:`DenseRetriever.from_parts`.
+:meth:`DenseRetriever.from_parts`; :meth:`DenseRetriever.write_to` and :meth:`DenseRetriever.read_from` put both in a
+checksummed bundle as ``chunks.parquet`` + ``index.faiss`` (the facade's bundles and the evaluation's pooled index).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +23,12 @@ from memorag_core.errors import CorruptArtifactError, InvalidInputError, MemoryN
 from memorag_core.retrieval.embedders import Embedder
 from memorag_core.retrieval.index import IndexConfig, VectorIndex
 
+if TYPE_CHECKING:
+    from memorag_core.store.bundle import Bundle
+
 logger = logging.getLogger(__name__)
+
+CORPUS_FILE, INDEX_FILE = "chunks.parquet", "index.faiss"
 
 
 @dataclass
@@ -159,3 +166,23 @@ class DenseRetriever:
         obj.index = index
         obj.corpus = list(corpus)
         return obj
+
+    def write_to(self, bundle: "Bundle") -> None:
+        """Stage the corpus (``chunks.parquet``, one ``text`` column) and the index (``index.faiss``) in ``bundle``;
+        the caller commits it."""
+        import pyarrow as pa
+
+        bundle.write_table(CORPUS_FILE, pa.table({"text": pa.array(self.corpus, pa.string())}))
+        bundle.write_bytes(INDEX_FILE, self.index_bytes())
+
+    @classmethod
+    def read_from(cls, bundle: "Bundle", embedder: Embedder, index_config: IndexConfig | None = None,
+                  hits: int = 3) -> "DenseRetriever":
+        """Restore what :meth:`write_to` staged in a committed bundle (checksums verified by the bundle).
+
+        Raises:
+            ArtifactNotFoundError: the bundle or one of its two files is missing.
+            CorruptArtifactError: a checksum or the index does not match (see :meth:`from_parts`).
+        """
+        corpus = [str(t) for t in bundle.read_table(CORPUS_FILE).column("text").to_pylist()]
+        return cls.from_parts(embedder, corpus, bundle.read_bytes(INDEX_FILE), index_config, hits=hits)

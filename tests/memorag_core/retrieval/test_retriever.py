@@ -70,6 +70,25 @@ def test_persistence_round_trip(retriever, minilm_embedder):
         DenseRetriever.from_parts(minilm_embedder, CORPUS[:7], data)
 
 
+def test_bundle_round_trip_and_missing_or_damaged_files(retriever, minilm_embedder, tmp_path):
+    from memorag_core.errors import ArtifactNotFoundError
+    from memorag_core.retrieval.retriever import INDEX_FILE
+    from memorag_core.store.bundle import Bundle
+
+    bundle = Bundle(str(tmp_path / "b"))
+    retriever.write_to(bundle)
+    bundle.commit({"kind": "test"})
+    again = DenseRetriever.read_from(Bundle(str(tmp_path / "b")), minilm_embedder, IndexConfig(), hits=3)
+    assert again.corpus == retriever.corpus
+    assert again.search(["cupboard under the stairs"]) == retriever.search(["cupboard under the stairs"])
+    with pytest.raises(ArtifactNotFoundError):
+        DenseRetriever.read_from(Bundle(str(tmp_path / "nothing")), minilm_embedder)
+    index_path = next(p for p in (tmp_path / "b").rglob("*") if p.is_file() and p.name.startswith(INDEX_FILE))
+    index_path.write_bytes(index_path.read_bytes()[:-8] + b"12345678")
+    with pytest.raises(CorruptArtifactError):
+        DenseRetriever.read_from(Bundle(str(tmp_path / "b")), minilm_embedder)
+
+
 def test_ivf_retriever_and_l2(minilm_embedder):
     ivf = DenseRetriever(minilm_embedder, IndexConfig(kind="ivf", nlist=2, nprobe=2), hits=1)
     ivf.add(CORPUS)  # trained on the first batch
