@@ -25,9 +25,9 @@ import psutil
 
 # Ray Data's helper actors, by the process title Ray gives them ("ray::<ClassName>[.<method>]").
 RAY_DATA_HELPERS = ("_StatsActor", "ActorLocationTracker", "_AutoscalingCoordinatorActor")
-# Ray's own processes: binaries, and python services by script or process title.
-RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor.py", "dashboard.py", "monitor.py", "DashboardAgent",
-               "RuntimeEnvAgent", "ray::IDLE", "agent.py")
+# Ray's own processes that carry no "ray::" title: binaries, and python services by script. Every other "ray::"
+# process (idle workers, the dashboard and runtime-env agents) counts as a daemon by its title.
+RAY_DAEMONS = ("raylet", "gcs_server", "log_monitor.py", "dashboard.py", "monitor.py", "agent.py")
 GROUPS = ("actors", "driver", "ray_data_helpers", "ray_daemons", "other")
 
 
