@@ -230,14 +230,56 @@ class CollectionStore:
         manifest = self.read_manifest(collection, version)
         return VersionReader(self, manifest)
 
+    # -- leases (versions a running service holds) ------------------------------------------------------------
+    def _lease_path(self, collection: str, holder: str) -> str:
+        if not isinstance(holder, str) or not _UNIT_RE.match(holder):
+            raise InvalidInputError(f"lease holder {holder!r} must match {_UNIT_RE.pattern}")
+        return self._p("collections", _check_collection(collection), "leases", f"{holder}.json")
+
+    def write_lease(self, collection: str, holder: str, versions: list[str], ttl_s: float = 600.0) -> None:
+        """Record that ``holder`` (a serving replica) uses ``versions`` of ``collection`` for the next ``ttl_s``
+        seconds; :meth:`gc` keeps them. Renew before it expires; :meth:`delete_lease` when done."""
+        expires = datetime.now(timezone.utc).timestamp() + float(ttl_s)
+        body = json.dumps({"holder": holder, "versions": sorted(versions), "expires_at": expires}).encode()
+        sfs.write_atomic(self.fs, self._lease_path(collection, holder), body)
+
+    def delete_lease(self, collection: str, holder: str) -> None:
+        """Remove ``holder``'s lease (nothing happens when there is none)."""
+        path = self._lease_path(collection, holder)
+        try:
+            self.fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    def leased_versions(self, collection: str) -> set[str]:
+        """Versions of ``collection`` named by an unexpired lease. A malformed lease is ignored (logged)."""
+        base = self._p("collections", _check_collection(collection), "leases")
+        try:
+            paths = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return set()
+        now = datetime.now(timezone.utc).timestamp()
+        out: set[str] = set()
+        for p in paths:
+            try:
+                lease = json.loads(self.fs.cat_file(p))
+                if float(lease["expires_at"]) > now:
+                    out.update(str(v) for v in lease["versions"])
+            except FileNotFoundError:
+                continue
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("ignoring malformed lease %s: %s", self._u(p), exc)
+        return out
+
     # -- garbage collection ----------------------------------------------------------------------------------
     def gc(self, collection: str, keep_last: int = 1, *, min_age_s: float = 3600.0) -> GCReport:
         """Delete old versions of ``collection``, and unit memories and staged chunk tables that no kept version of
         any collection uses.
 
-        Kept: the live version; the newest ``keep_last`` versions with a manifest; and anything younger than
-        ``min_age_s`` (a version or unit a concurrent job is still writing, not yet published). The live
-        version and its units are never removed.
+        Kept: the live version; the newest ``keep_last`` versions with a manifest; versions a running service
+        holds (an unexpired lease, see :meth:`write_lease`); and anything younger than ``min_age_s`` (a version
+        or unit a concurrent job is still writing, not yet published). The live version and its units are never
+        removed.
 
         Raises InvalidInputError for keep_last < 1 or a negative min_age_s.
         """
@@ -252,7 +294,8 @@ class CollectionStore:
         except FileNotFoundError:
             folders = []
         with_manifest = set(self.list_versions(collection))
-        keep = {live} | set(sorted(with_manifest)[-keep_last:])
+        leased = self.leased_versions(collection)
+        keep = {live} | set(sorted(with_manifest)[-keep_last:]) | leased
         for v in folders:
             born = version_time(v)
             young = born is None or (now - born).total_seconds() < min_age_s

@@ -122,7 +122,7 @@ def test_memorize_job_publishes_collection(baseline):
     _, ids = index.search(np.asarray(row["embedding"], np.float32), 1)
     assert int(ids[0, 0]) == row["faiss_id"]
     # the router sends a unit's own gist to that unit
-    from pipeline.router import UnitRouter
+    from memorag_core.retrieval.router import UnitRouter
     from memorag_core.retrieval import load_embedder
 
     router = UnitRouter.from_version(reader)

@@ -1,0 +1,187 @@
+"""The query engine over published collections, in one process: route -> clues -> retrieve -> answer.
+
+:class:`QueryEngine` composes the four stages, each of which is an object a Ray Serve deployment can own on its
+own (the Serve app in ``pipeline/serve`` does exactly that, with the same classes):
+
+==========  =====================================================  ======================================
+stage       what it does                                           object
+==========  =====================================================  ======================================
+open        live version (pointer checked every few seconds),       :class:`~.catalog.CollectionCatalog`
+            version loaded once (chunks, shards, router), leases
+route       units: holders of the question's best hits + router    :class:`~.retrieve.EvidenceRetriever`
+clues       one batched decode per unit after its memory            :class:`~.clues.ClueWriter`
+retrieve    question + clues -> shard search -> rank fusion         :class:`~.retrieve.EvidenceRetriever`
+answer      generator on the evidence, whole or streamed            :class:`~.answer.Answerer`
+==========  =====================================================  ======================================
+
+A request is pinned to the version that was live when it started (``QueryResult.version``): a version published
+meanwhile serves the next request. Tasks: ``memorag`` (the full loop), ``qa`` (plain RAG: the question alone
+retrieves, no memory is read), ``summarize`` (key points from the memories of one document's units, or of up to
+``units`` units spread over the collection, drive retrieval; the generator writes the summary). A summary that the
+bulk summarization job stored for the version is returned as is when the request allows it (see
+:meth:`QueryEngine.stored_summary`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from memorag_core.query.answer import Answerer
+from memorag_core.query.catalog import CollectionCatalog
+from memorag_core.query.clues import ClueWriter
+from memorag_core.query.retrieve import EvidenceRetriever
+from memorag_core.query.types import QueryLimits, QueryRequest, QueryResult, RoutedUnit, StreamEvent, UnitClues
+from memorag_core.retrieval.fusion import FusionConfig
+
+logger = logging.getLogger(__name__)
+
+
+def spread(items: list[str], k: int) -> list[str]:
+    """``k`` items evenly spaced over ``items`` (all when there are at most ``k``), in order."""
+    if len(items) <= k:
+        return list(items)
+    step = len(items) / k
+    return [items[int(i * step)] for i in range(k)]
+
+
+class QueryEngine:
+    """Answers questions over the collections of one store.
+
+    Args:
+        store: a :class:`memorag_core.store.CollectionStore` or root URL (local folder, ``s3://...``).
+        storage_options: fsspec options for a URL.
+        generator: generator spec or object (see :class:`~.answer.Answerer`); None = the collection's memory
+            model itself (no second copy of the weights), as the single-process facade does.
+        limits: request bounds. fusion: rank-fusion settings.
+        cache_bytes: loaded unit memories kept per process.
+        device: where the memory model and embedder run.
+        refresh_s: how often the live pointer of a collection is re-read.
+    """
+
+    def __init__(self, store, storage_options: dict | None = None, *, generator=None,
+                 limits: QueryLimits | None = None, fusion: FusionConfig | None = None, cache_bytes: int = 2 << 30,
+                 device: str | None = None, refresh_s: float = 5.0) -> None:
+        self.catalog = CollectionCatalog(store, storage_options, refresh_s=refresh_s)
+        self.clue_writer = ClueWriter(self.catalog, cache_bytes=cache_bytes, device=device)
+        self.retriever = EvidenceRetriever(self.catalog, fusion=fusion, device=device or "auto")
+        self.limits = limits or QueryLimits()
+        self._generator_spec = generator
+        self._answerer: Answerer | None = None if generator is None else Answerer(generator)
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    def answerer_for(self, view) -> Answerer:
+        """The generator: the configured one, else the collection's memory model (shared weights)."""
+        if self._answerer is None:
+            from memorag_core.generators import HFGenerator
+
+            memory = self.clue_writer.memory_for(view)
+            self._answerer = Answerer(HFGenerator.from_model(memory.model, memory.tokenizer))
+        return self._answerer
+
+    def stored_summary(self, view, request: QueryRequest) -> str | None:
+        """The summary the bulk summarization job stored for this version (collection or ``doc_id``), if any.
+
+        Reads ``summaries/collection.parquet`` / ``summaries/documents.parquet`` of the version when listed in its
+        manifest (columns ``doc_id``, ``summary``); None when there is none.
+        """
+        rel = "summaries/documents.parquet" if request.doc_id else "summaries/collection.parquet"
+        if rel not in view.manifest.files:
+            return None
+        import io
+
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(view.reader.read_bytes(rel)))
+        if request.doc_id:
+            if "doc_id" not in table.column_names:
+                return None
+            for doc, text in zip(table.column("doc_id").to_pylist(), table.column("summary").to_pylist()):
+                if doc == request.doc_id:
+                    return text
+            return None
+        texts = table.column("summary").to_pylist() if "summary" in table.column_names else []
+        return texts[0] if texts else None
+
+    def _plan(self, name: str, request: QueryRequest, version: str | None):
+        request.validate(self.limits)
+        t0 = time.perf_counter()
+        view = self.catalog.view(name, version)
+        return view, {"open": time.perf_counter() - t0}
+
+    def _gather(self, view, request: QueryRequest, timings: dict) -> tuple[list[RoutedUnit], list[UnitClues],
+                                                                          list, list]:
+        """Route, clues and retrieval for ``request`` on ``view``; fills ``timings``."""
+        name, version = view.name, view.version
+        units: list[RoutedUnit] = []
+        clues: list[UnitClues] = []
+        t = time.perf_counter()
+        if request.task == "memorag":
+            units = self.retriever.route(name, version, request.query, request.units)
+        elif request.task == "summarize":
+            ids = view.units_of_doc(request.doc_id) if request.doc_id else view.units
+            units = [RoutedUnit(u, 0.0, "document" if request.doc_id else "spread") for u in spread(ids,
+                                                                                                      request.units)]
+        timings["route"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if request.task == "memorag":
+            clues = self.clue_writer.clues(name, version, [u.unit_id for u in units], request.query,
+                                           max_new_tokens=request.clue_max_new_tokens, with_draft=request.use_draft)
+        elif request.task == "summarize":
+            clues = self.clue_writer.key_points(name, version, [u.unit_id for u in units],
+                                                max_new_tokens=max(request.clue_max_new_tokens, 128))
+        timings["clues"] = time.perf_counter() - t
+        t = time.perf_counter()
+        evidence, queries = self.retriever.retrieve(name, version, request.query, clues, request.top_k,
+                                                    doc_id=request.doc_id if request.task == "summarize" else None)
+        timings["retrieve"] = time.perf_counter() - t
+        return units, clues, evidence, queries
+
+    @staticmethod
+    def _evidence_texts(request: QueryRequest, clues: list[UnitClues], evidence) -> list[str]:
+        texts = [e.text for e in evidence]
+        if request.task == "memorag" and request.use_draft:
+            texts += [f"The answer might be {c.draft}." for c in clues if c.draft]
+        return texts
+
+    # -- calls -----------------------------------------------------------------------------------------------
+    def query(self, name: str, request: QueryRequest, version: str | None = None) -> QueryResult:
+        """Answer ``request`` over collection ``name`` (``version`` None = the live one).
+
+        Raises:
+            InvalidInputError: a request field out of bounds (named), an unknown task or document.
+            ArtifactNotFoundError: no such collection or version. CorruptArtifactError: damaged artifacts.
+        """
+        for event in self.stream(name, request, version):
+            if event.kind == "final":
+                return event.result
+        raise RuntimeError("stream ended without a final event")  # pragma: no cover - stream always ends so
+
+    def stream(self, name: str, request: QueryRequest, version: str | None = None) -> Iterator[StreamEvent]:
+        """Like :meth:`query`, yielding the answer in pieces (``token`` events) and then a ``final`` event."""
+        t_start = time.perf_counter()
+        view, timings = self._plan(name, request, version)
+        if request.task == "summarize":
+            stored = self.stored_summary(view, request)
+            if stored is not None:
+                timings["total"] = time.perf_counter() - t_start
+                yield StreamEvent("token", stored)
+                yield StreamEvent("final", result=QueryResult(stored, name, view.version, request.task,
+                                                              timings=timings))
+                return
+        units, clues, evidence, queries = self._gather(view, request, timings)
+        answerer = self.answerer_for(view)
+        t = time.perf_counter()
+        pieces = []
+        for piece in answerer.stream(request.task, request.query, self._evidence_texts(request, clues, evidence),
+                                     max_new_tokens=request.max_new_tokens):
+            pieces.append(piece)
+            yield StreamEvent("token", piece)
+        timings["generate"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        result = QueryResult("".join(pieces).strip(), name, view.version, request.task, units=units, clues=clues,
+                             evidence=evidence, timings=timings, retrieval_queries=queries)
+        logger.info("query %s/%s %s: %d units, %d passages, %.2f s", name, view.version, request.task, len(units),
+                    len(evidence), timings["total"])
+        yield StreamEvent("final", result=result)

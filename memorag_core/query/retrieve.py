@@ -1,0 +1,155 @@
+"""Routing and evidence retrieval over a published collection version: embed, search the shards, fuse.
+
+:class:`EvidenceRetriever` holds the embedder the collection was built with (read from the manifest; a different
+one is refused by name) and answers two calls that a Serve deployment can make on their own:
+
+* :meth:`EvidenceRetriever.route`: which units should write clues. Half come from the question's best dense hits
+  (the units that hold them), the rest from the router over unit gists; one source fills in when the other runs
+  short.
+* :meth:`EvidenceRetriever.retrieve`: the question and the clues become rankings over all shards, fused by
+  :func:`memorag_core.retrieval.fusion.fuse` (the question's ranking weighs most), mapped to passages with their
+  ``doc_id``, ``unit_id``, ``chunk_id`` and score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from memorag_core.errors import InvalidInputError
+from memorag_core.query.types import Evidence, RoutedUnit, UnitClues
+from memorag_core.retrieval.fusion import FusionConfig, Ranking, drop_restatements, fuse
+
+logger = logging.getLogger(__name__)
+
+
+def clue_queries(query: str | None, clues: list[UnitClues]) -> list[tuple[str, str]]:
+    """(source, text) retrieval queries: the question first, then every unit's spans, surrogates, drafts and key
+    points, in unit order (exact repeats removed later by :func:`drop_restatements`)."""
+    out: list[tuple[str, str]] = [("question", query)] if query else []
+    for c in clues:
+        out += [("span", s) for s in c.spans]
+        out += [("surrogate", s) for s in c.surrogates]
+        out += [("draft", c.draft)] if c.draft else []
+        out += [("key_point", s) for s in c.key_points]
+    return out
+
+
+class EvidenceRetriever:
+    """Embeds queries with the collection's embedder and searches its sharded index.
+
+    Args:
+        catalog: the :class:`~memorag_core.query.catalog.CollectionCatalog`.
+        fusion: how the rankings of the question and the clues are fused.
+        embedder_override: an embedder folder to use instead of the manifest's (must give the same dimension;
+            it is logged, since vectors from another model do not match the index).
+        device: embedder device (``auto``, ``cpu``, ``cuda``).
+        hits_per_query: depth of each query's ranking before fusion (at least the request's ``top_k``).
+    """
+
+    def __init__(self, catalog, *, fusion: FusionConfig | None = None, embedder_override: str | None = None,
+                 device: str = "auto", hits_per_query: int = 10) -> None:
+        self.catalog = catalog
+        self.fusion = fusion or FusionConfig()
+        self.embedder_override = embedder_override
+        self.device = device
+        self.hits_per_query = hits_per_query
+        self._embedders: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def embedder_for(self, view):
+        """The embedder of ``view``'s collection (loaded once per embedder id)."""
+        from memorag_core.models import EMBEDDED_EMBEDDER
+        from memorag_core.retrieval import EmbedderConfig, load_embedder
+
+        name = self.embedder_override or view.embedder_id or EMBEDDED_EMBEDDER
+        with self._lock:
+            emb = self._embedders.get(name)
+            if emb is None:
+                batch = int((view.manifest.config.get("chunk_embed") or {}).get("encode_batch_size", 32))
+                emb = load_embedder(EmbedderConfig(model=None if name == EMBEDDED_EMBEDDER else name,
+                                                   device=self.device, batch_size=batch))
+                self._embedders[name] = emb
+        if emb.dim != view.dim:
+            raise InvalidInputError(f"embedder {name!r} gives {emb.dim}-d vectors but collection {view.name!r} "
+                                    f"was indexed with {view.embedder_id!r} ({view.dim}-d)")
+        if self.embedder_override and view.embedder_id and self.embedder_override != view.embedder_id:
+            logger.warning("collection %s was embedded with %s; querying with %s", view.name, view.embedder_id,
+                           self.embedder_override)
+        return emb
+
+    def embed(self, view, texts: list[str]) -> np.ndarray:
+        """Query embeddings ``(n, dim)``, normalized."""
+        return self.embedder_for(view).encode(list(texts), is_query=True)
+
+    def route(self, name: str, version: str, query: str, units: int) -> list[RoutedUnit]:
+        """Up to ``units`` units for ``query``: the holders of its best dense hits, then the router's picks."""
+        view = self.catalog.view(name, version)
+        qv = self.embed(view, [query])  # (1, dim)
+        want_dense = math.ceil(units / 2)
+        scores, rows = view.search(qv, max(units * 4, 8))  # (1, k), (1, k)
+        dense: list[RoutedUnit] = []
+        for s, r in zip(scores[0].tolist(), rows[0].tolist()):
+            if r < 0:
+                continue
+            uid = view.unit_of_row(r)
+            if all(u.unit_id != uid for u in dense):
+                dense.append(RoutedUnit(uid, float(s), "dense"))  # score: the unit's best passage
+        routed = view.router.route(qv[0], units) if view.router is not None else []
+        picked = dense[:want_dense]
+        for uid, s in routed:
+            if len(picked) >= units:
+                break
+            if all(p.unit_id != uid for p in picked):
+                picked.append(RoutedUnit(uid, float(s), "router"))
+        for u in dense[want_dense:]:  # the router ran short: more dense holders
+            if len(picked) >= units:
+                break
+            if all(p.unit_id != u.unit_id for p in picked):
+                picked.append(u)
+        return picked
+
+    def retrieve(self, name: str, version: str, query: str | None, clues: list[UnitClues], top_k: int, *,
+                 doc_id: str | None = None) -> tuple[list[Evidence], list[tuple[str, str]]]:
+        """The ``top_k`` fused passages for the question and the clues, and the (source, query) list used.
+
+        ``doc_id`` restricts the evidence to one document (the summarize task).
+        """
+        view = self.catalog.view(name, version)
+        queries = clue_queries(query, clues)
+        if not queries:
+            raise InvalidInputError("nothing to retrieve with: no question and no clues")
+        vecs = self.embed(view, [q for _, q in queries])  # (nq, dim)
+        if query:
+            keep = [0] + [1 + i for i in drop_restatements(query, [q for _, q in queries[1:]], question_vec=vecs[0],
+                                                           query_vecs=vecs[1:])]
+        else:
+            keep = drop_restatements("", [q for _, q in queries], query_vecs=vecs, question_vec=None)
+        queries = [queries[i] for i in keep]
+        vecs = vecs[keep]  # (nq', dim)
+        depth = max(self.hits_per_query, top_k)
+        allowed = set(view.rows_of_doc(doc_id).tolist()) if doc_id else None
+        if doc_id and not allowed:
+            raise InvalidInputError(f"collection {name!r} version {version} has no document {doc_id!r}")
+        scores, rows = view.search(vecs, depth * (4 if allowed else 1))  # (nq', k), (nq', k)
+        rankings = []
+        for (source, q), s_row, r_row in zip(queries, scores, rows):
+            pairs = [(int(r), float(s)) for r, s in zip(r_row.tolist(), s_row.tolist())
+                     if r >= 0 and (allowed is None or r in allowed)][:depth]
+            rankings.append(Ranking(source, q, [r for r, _ in pairs], [s for _, s in pairs]))
+        fused = fuse(rankings, self.fusion, limit=top_k)
+        if not fused and allowed:  # the document's chunks are not among any query's hits: read its beginning
+            fused_rows = sorted(allowed)[:top_k]
+            return [self._evidence(view, r, 0.0, ["document"], "") for r in fused_rows], queries
+        return [self._evidence(view, int(f.key), f.score, f.sources, f.query) for f in fused], queries
+
+    @staticmethod
+    def _evidence(view, row: int, score: float, sources: list[str], query: str) -> Evidence:
+        r = view.row(row)
+        return Evidence(doc_id=r["doc_id"], unit_id=r["unit_id"], chunk_id=r["chunk_id"], score=float(score),
+                        text=r["text"], sources=list(sources), query=query, start=r.get("doc_start"),
+                        end=r.get("doc_end"))
