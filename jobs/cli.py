@@ -3,6 +3,8 @@
 * ``memorag memorize PATH --save-dir DIR``: one process, no Ray: memorize a text file (or a folder of .txt files)
   into a bundle (memory + chunks + index) at DIR (local folder or ``s3://``), with a progress bar and stats.
 * ``memorag ask "QUESTION" --from DIR``: answer from a saved bundle (``--task qa|memorag|summarize``).
+* ``memorag ask "QUESTION" --collection NAME --store URL``: answer over a published collection with the query
+  engine (``memorag_core.query``): the answer streams, then the evidence with doc ids.
 * ``memorag memorize --corpus URL --collection NAME ...``: the corpus-scale Ray Data job (``jobs.memorize``),
   on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
 * ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
@@ -91,8 +93,16 @@ def memorize(
 @app.command()
 def ask(
     question: Optional[str] = typer.Argument(None, help="the question (omit with --task summarize)"),
-    from_dir: str = typer.Option(..., "--from", help="bundle written by `memorag memorize`"),
-    task: str = typer.Option("memorag", help="qa (memory only) | memorag (clues + retrieval) | summarize"),
+    from_dir: Optional[str] = typer.Option(None, "--from", help="bundle written by `memorag memorize PATH`"),
+    collection: Optional[str] = typer.Option(None, help="published collection to ask (with --store)"),
+    store: Optional[str] = typer.Option(None, help="store root of --collection: folder or s3://bucket/prefix"),
+    version: Optional[str] = typer.Option(None, help="collection version (default: the live one)"),
+    units: int = typer.Option(4, help="collection: unit memories that write clues"),
+    top_k: int = typer.Option(5, help="collection: passages handed to the generator"),
+    doc_id: Optional[str] = typer.Option(None, help="collection, --task summarize: the document to summarize"),
+    s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint URL of an s3:// store"),
+    task: str = typer.Option("memorag", help="qa (bundle: memory only; collection: plain RAG) | memorag (clues + "
+                                             "retrieval) | summarize"),
     model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
     embedder: Optional[str] = typer.Option(None, help="embedder used to memorize (default: embedded)"),
     generator: Optional[str] = typer.Option(None, help="generator spec: path, hf:ID, vllm:ID, openai:MODEL@URL"),
@@ -106,7 +116,21 @@ def ask(
     use_memory_answer: bool = typer.Option(False, help="add the memory's draft answer to the evidence"),
     show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
 ) -> None:
-    """Answer a question from a saved bundle (memory settings are read from the bundle; flags override them)."""
+    """Answer a question from a published collection (--collection, --store) or a saved bundle (--from).
+
+    Bundle memory settings are read from the bundle; flags override them."""
+    from memorag_core.errors import InvalidInputError
+
+    if (collection is None) == (from_dir is None):
+        raise InvalidInputError("give either --collection NAME --store URL, or --from BUNDLE_DIR")
+    if collection is not None:
+        if not store:
+            raise InvalidInputError("--collection needs --store URL")
+        _ask_collection(question, collection, store, version=version, task=task, units=units, top_k=top_k,
+                        doc_id=doc_id, generator=generator, max_new_tokens=max_new_tokens,
+                        clue_max_new_tokens=clue_max_new_tokens, use_draft=use_memory_answer,
+                        show_clues=show_clues, s3_endpoint=s3_endpoint)
+        return
     config = stored_memory_config(from_dir, model=model, kind=kind, ratio=ratio, window=window, positions=positions)
     pipe = _pipeline(config, embedder, generator, hits, 512)
     pipe.load(from_dir)
@@ -129,6 +153,42 @@ def ask(
     else:
         typer.echo("answer: " + pipe(query=question, task_type=task, max_new_tokens=max_new_tokens))
     typer.echo(f"({time.perf_counter() - start:.1f}s)")
+
+
+def _ask_collection(question: Optional[str], collection: str, store: str, *, version: Optional[str], task: str,
+                    units: int, top_k: int, doc_id: Optional[str], generator: Optional[str], max_new_tokens: int,
+                    clue_max_new_tokens: int, use_draft: bool, show_clues: bool, s3_endpoint: Optional[str]) -> None:
+    """``memorag ask --collection``: the query engine in this process; the answer streams, then the evidence."""
+    from memorag_core.query import QueryEngine, QueryRequest
+
+    options = {"endpoint_url": s3_endpoint} if s3_endpoint else None
+    engine = QueryEngine(store, options, generator=generator)
+    request = QueryRequest(question, task=task, max_new_tokens=max_new_tokens, units=units, top_k=top_k,
+                           clue_max_new_tokens=clue_max_new_tokens, doc_id=doc_id, use_draft=use_draft)
+    typer.echo("answer: ", nl=False)
+    result = None
+    for event in engine.stream(collection, request, version):
+        if event.kind == "token":
+            typer.echo(event.text, nl=False)
+        else:
+            result = event.result
+    typer.echo("")
+    assert result is not None
+    if show_clues and result.clues:
+        typer.echo("clues:")
+        for c in result.clues:
+            for kind, lines in (("span", c.spans), ("question", c.surrogates), ("key point", c.key_points)):
+                for line in lines:
+                    typer.echo(f"  [{c.unit_id[:8]} {kind}] {line}")
+            if c.draft:
+                typer.echo(f"  [{c.unit_id[:8]} draft] {c.draft}")
+    typer.echo(f"evidence ({collection} @ {result.version}):")
+    for i, e in enumerate(result.evidence, 1):
+        text = " ".join(e.text.split())
+        typer.echo(f"  {i}. {e.doc_id}  score {e.score:.4f}  [{', '.join(e.sources)}]  "
+                   f"{text[:100]}{'...' if len(text) > 100 else ''}")
+    t = result.timings
+    typer.echo("(" + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + ")")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,3 +51,24 @@ def test_memorize_a_folder_and_bad_inputs(tiny_lm_dir, tmp_path, capsys):
     assert main(["ask", "Who?", "--from", str(tmp_path / "nothing-here"), *common]) == 2
     assert "manifest" in capsys.readouterr().err
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # nothing half-written
+
+
+def test_ask_a_published_collection(tiny_collection, capsys):
+    """`memorag ask --collection --store`: streamed answer, clues, then evidence with doc ids; bad input -> 2."""
+    store = tiny_collection.store
+    args = ["--collection", "facts", "--store", store, "--units", "1", "--top-k", "2", "--max-new-tokens", "4",
+            "--clue-max-new-tokens", "8"]
+    assert main(["ask", "Who built the lighthouse of Varnholm?", *args]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "clues:" in out and f"evidence (facts @ {tiny_collection.version})" in out
+    assert "lighthouse  score" in out and "retrieve" in out
+    assert main(["ask", "Who opened the bakery?", *args, "--task", "qa"]) == 0
+    out = capsys.readouterr().out
+    assert "bakery  score" in out and "clues:" not in out
+    assert main(["ask", "Who?", "--collection", "nope", "--store", store]) == 2
+    assert "'nope'" in capsys.readouterr().err
+    assert main(["ask", "Who?", "--collection", "facts"]) == 2
+    assert "--store" in capsys.readouterr().err
+    assert main(["ask", "Who?", *args, "--top-k", "0"]) == 2
+    assert "top_k must be between" in capsys.readouterr().err
+    assert main(["ask", "Who?", "--collection", "facts", "--store", store, "--from", "x"]) == 2
