@@ -41,7 +41,7 @@ def build_engine(store_url: str, storage_options: dict | None, generator: str | 
 
         kwargs = {"batch_size": generator_batch_size} if not generator.startswith(("vllm:", "openai:")) else {}
         gen = load_generator(generator, **kwargs)
-    return QueryEngine(store_url, storage_options, generator=gen, device=device, refresh_s=3600.0)
+    return QueryEngine(store_url, storage_options, generator=gen, device=device, refresh_s=60.0)
 
 
 def _memory_generator(engine, view, batch_size: int):

@@ -250,3 +250,30 @@ def test_flags_map_onto_the_config_and_bad_input_exits_2(tmp_path, capsys):
     assert "fan_in" in capsys.readouterr().err
     assert main(["--collection", "nope", "--store", str(tmp_path)]) == 2
     assert "has no live version" in capsys.readouterr().err
+
+
+def test_ray_job_submit_with_s3_store(books, ray_head, moto_s3, tmp_path):
+    """`ray job submit` to the `ray start --head` cluster; the collection and the summaries on loopback S3."""
+    import s3fs
+
+    bucket = moto_s3.make_bucket()
+    opts = {k: v for k, v in moto_s3.storage_options().items() if k != "retries"}
+    fs = s3fs.S3FileSystem(**opts)
+    fs.put(books.store + "/", f"{bucket}/store", recursive=True)
+    cfg = job_config(f"s3://{bucket}/store", storage_options=opts)
+    cfg_file = tmp_path / "job.json"
+    cfg_file.write_text(cfg.model_dump_json(by_alias=True))
+    env = dict(ray_head.env, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+    runtime_env = json.dumps({"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                                           "TRANSFORMERS_OFFLINE": "1"}})
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_head.dashboard_url,
+           "--runtime-env-json", runtime_env, "--", sys.executable, "-m", "jobs.summarize", "--config",
+           str(cfg_file)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "succeeded" in (out.stdout + out.stderr) and "summaries/min" in out.stdout
+    summaries = SummaryStore(f"s3://{bucket}/store", moto_s3.storage_options())
+    stored = summaries.open("books")
+    n = len(summaries.store.read_manifest("books").units)
+    assert stored.units.num_rows == n and stored.collection.num_rows == 1 and stored.documents.num_rows == 1
+    assert len(summaries.staged_keys("units")) == n
