@@ -86,3 +86,17 @@ def test_staging_is_exactly_once_and_stored_summaries_know_when_they_are_current
     assert stored.document_summary("e", ["u1"], {"u1": ["e", "f"]}) is None  # packed with others: none
     # the collections' own pointer is elsewhere
     assert s.store.current_version("c") is None and s.current_version("c") == stored.version
+
+
+def test_gc_keeps_what_live_summaries_use(tmp_path):
+    s = SummaryStore(str(tmp_path / "store"))
+    old, new = content_key("old"), content_key("new")
+    s.stage("units", old, {"summary": "o"})
+    s.stage("units", new, {"summary": "n"})
+    for keys_used in ([old], [new]):
+        w = s.new_version("c")
+        w.write_bytes("report.md", b"# r\n")
+        w.publish(Manifest(extra={"staged_keys": keys_used}))
+    report = s.gc("c", keep_last=1, min_age_s=0)
+    assert report == {"removed_versions": 1, "removed_staged": 1}
+    assert s.staged_keys("units") == [new] and len(s.versions.list_versions("c")) == 1
