@@ -82,13 +82,23 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--generator", default="memory", help="memory | auto | vllm: | hf:PATH")
     p.add_argument("--store", help="store folder (default: a temporary one)")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
     args = p.parse_args()
 
     import ray
 
-    ray.init(num_cpus=2, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT),
-                                                                         "HF_HUB_OFFLINE": "1",
-                                                                         "TRANSFORMERS_OFFLINE": "1"}})
+    env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
+    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start-up window
+        try:
+            if args.ray_address:
+                ray.init(address=args.ray_address, log_to_driver=False, runtime_env=env)
+            else:
+                ray.init(num_cpus=2, log_to_driver=False, runtime_env=env)
+            break
+        except Exception as exc:  # noqa: BLE001
+            print(json.dumps({"ray_init_failed": str(exc)[:200], "attempt": attempt}), flush=True)
+            ray.shutdown()
+            time.sleep(5)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="bench-summ-"))
     store = args.store or str(tmp / "store")
