@@ -88,7 +88,7 @@ def main() -> None:
     import ray
 
     env = {"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}}
-    for attempt in range(3):  # a loaded machine can miss Ray's fixed 30 s raylet start-up window
+    for attempt in range(10):  # a loaded machine can miss Ray's fixed 30 s raylet start-up window
         try:
             if args.ray_address:
                 ray.init(address=args.ray_address, log_to_driver=False, runtime_env=env)
@@ -98,7 +98,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001
             print(json.dumps({"ray_init_failed": str(exc)[:200], "attempt": attempt}), flush=True)
             ray.shutdown()
-            time.sleep(5)
+            time.sleep(20)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="bench-summ-"))
     store = args.store or str(tmp / "store")
