@@ -72,6 +72,60 @@ def summarize(store: str, batch_size: int, args) -> dict:
             "nothing_to_do": stats.nothing_to_do}
 
 
+def in_process(args) -> None:
+    """The summarize stage itself, no Ray: one UnitSummaryStage (the actor's object) in this process over every
+    unit of an existing collection, batched vs one unit per call, after a warm-up call; then the reduce of the
+    unit summaries."""
+    import pyarrow as pa
+
+    from jobs.summarize import resolve_generator
+    from memorag_core.store import CollectionStore
+    from memorag_core.store.summaries import content_key
+    from pipeline.summarize_stage import UnitSummaryStage
+
+    store = CollectionStore(args.store)
+    version = store.current_version(args.collection)
+    m = store.read_manifest(args.collection, version)
+    mem_cfg = dict((m.config.get("memory_stage") or {}).get("memory") or {})
+    spec, model_name, _ = resolve_generator(args.generator, mem_cfg, m.models.get("memory"))
+    settings = {"key_point_tokens": args.key_point_tokens, "top_k": 3, "max_new_tokens": args.max_new_tokens,
+                "reduce_max_new_tokens": args.max_new_tokens, "fan_in": 8, "reduce_max_chars": 6000}
+    units = sorted(m.units)
+    t0 = time.perf_counter()
+    stage = UnitSummaryStage(store.url, None, args.collection, version, settings, spec, model_name, "cpu",
+                             args.batch_size)
+    print(json.dumps({"stage_init_s": round(time.perf_counter() - t0, 1), "units": len(units),
+                      "generator": model_name}), flush=True)
+
+    def call(ids):
+        t = time.perf_counter()
+        out = stage(pa.table({"unit_id": ids, "key": [content_key("bench", u, time.time()) for u in ids]}))
+        return time.perf_counter() - t, out
+
+    call(units[:1])  # warm-up: a process's first decode is several times slower
+    rows = []
+    for _ in range(args.repeats):
+        for bs in (args.batch_size, 1):
+            total, tokens = 0.0, 0
+            for i in range(0, len(units), bs):
+                dt, out = call(units[i:i + bs])
+                total += dt
+                tokens += sum(out.column("generated_tokens").to_pylist())
+            r = {"batch_size": bs, "units": len(units), "seconds": round(total, 1),
+                 "unit_summaries_per_min": round(60 * len(units) / total, 2), "generated_tokens": tokens}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    texts = [(["summary of a unit " * 20] * min(8, len(units)), "en")]
+    t = time.perf_counter()
+    stage.summarizer.reduce(args.collection, version, texts * 2)
+    print(json.dumps({"reduce_2_prompts_batched_s": round(time.perf_counter() - t, 1)}), flush=True)
+    print("\n| mode | batch | units | seconds | unit summaries/min | generated tokens |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {'batched' if r['batch_size'] > 1 else 'one at a time'} | {r['batch_size']} | {r['units']} | "
+              f"{r['seconds']} | {r['unit_summaries_per_min']} | {r['generated_tokens']} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--units", type=int, default=8)
@@ -83,7 +137,12 @@ def main() -> None:
     p.add_argument("--generator", default="memory", help="memory | auto | vllm: | hf:PATH")
     p.add_argument("--store", help="store folder (default: a temporary one)")
     p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--in-process", action="store_true",
+                   help="no Ray: time the summarize stage in this process over --store/--collection")
+    p.add_argument("--collection", default="bench")
     args = p.parse_args()
+    if args.in_process:
+        return in_process(args)
 
     import ray
 
