@@ -90,7 +90,11 @@ def in_process(args) -> None:
     spec, model_name, _ = resolve_generator(args.generator, mem_cfg, m.models.get("memory"))
     settings = {"key_point_tokens": args.key_point_tokens, "top_k": 3, "max_new_tokens": args.max_new_tokens,
                 "reduce_max_new_tokens": args.max_new_tokens, "fan_in": 8, "reduce_max_chars": 6000}
-    units = sorted(m.units)
+    units = sorted(m.units)[: args.units]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     stage = UnitSummaryStage(store.url, None, args.collection, version, settings, spec, model_name, "cpu",
                              args.batch_size)
@@ -98,32 +102,35 @@ def in_process(args) -> None:
                       "generator": model_name}), flush=True)
 
     def call(ids):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = stage(pa.table({"unit_id": ids, "key": [content_key("bench", u, time.time()) for u in ids]}))
-        return time.perf_counter() - t, out
+        return time.perf_counter() - t, time.process_time() - c, out
 
     call(units[:1])  # warm-up: a process's first decode is several times slower
     rows = []
     for _ in range(args.repeats):
         for bs in (args.batch_size, 1):
-            total, tokens = 0.0, 0
+            total, cpu, tokens = 0.0, 0.0, 0
             for i in range(0, len(units), bs):
-                dt, out = call(units[i:i + bs])
+                dt, dc, out = call(units[i:i + bs])
                 total += dt
+                cpu += dc
                 tokens += sum(out.column("generated_tokens").to_pylist())
-            r = {"batch_size": bs, "units": len(units), "seconds": round(total, 1),
-                 "unit_summaries_per_min": round(60 * len(units) / total, 2), "generated_tokens": tokens}
+            r = {"batch_size": bs, "units": len(units), "seconds": round(total, 1), "cpu_s": round(cpu, 1),
+                 "unit_summaries_per_min": round(60 * len(units) / total, 2),
+                 "unit_summaries_per_cpu_min": round(60 * len(units) / cpu, 2), "generated_tokens": tokens}
             rows.append(r)
             print(json.dumps(r), flush=True)
     texts = [(["summary of a unit " * 20] * min(8, len(units)), "en")]
     t = time.perf_counter()
     stage.summarizer.reduce(args.collection, version, texts * 2)
     print(json.dumps({"reduce_2_prompts_batched_s": round(time.perf_counter() - t, 1)}), flush=True)
-    print("\n| mode | batch | units | seconds | unit summaries/min | generated tokens |")
-    print("|---|---|---|---|---|---|")
+    print("\n| mode | batch | units | wall s | CPU s | unit summaries/min (wall) | per CPU-min | tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'batched' if r['batch_size'] > 1 else 'one at a time'} | {r['batch_size']} | {r['units']} | "
-              f"{r['seconds']} | {r['unit_summaries_per_min']} | {r['generated_tokens']} |")
+              f"{r['seconds']} | {r['cpu_s']} | {r['unit_summaries_per_min']} | {r['unit_summaries_per_cpu_min']} | "
+              f"{r['generated_tokens']} |")
 
 
 def main() -> None:
@@ -140,6 +147,7 @@ def main() -> None:
     p.add_argument("--in-process", action="store_true",
                    help="no Ray: time the summarize stage in this process over --store/--collection")
     p.add_argument("--collection", default="bench")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (--in-process; 0 = torch's default)")
     args = p.parse_args()
     if args.in_process:
         return in_process(args)
