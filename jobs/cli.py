@@ -8,6 +8,8 @@
 * ``memorag memorize --corpus URL --collection NAME ...``: the corpus-scale Ray Data job (``jobs.memorize``),
   on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
 * ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
+* ``memorag summarize --collection NAME --store URL ...``: bulk, incremental summaries of a published collection
+  (``jobs.summarize``), on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -189,6 +191,20 @@ def _ask_collection(question: Optional[str], collection: str, store: str, *, ver
                    f"{text[:100]}{'...' if len(text) > 100 else ''}")
     t = result.timings
     typer.echo("(" + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + ")")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def summarize(ctx: typer.Context) -> None:
+    """Summarize a published collection: unit, document and collection summaries, incrementally (Ray job).
+
+    Every flag goes to ``jobs.summarize`` (``memorag summarize --help`` lists them).
+    """
+    from jobs.summarize import main as summarize_main
+
+    code = summarize_main(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
