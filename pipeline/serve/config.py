@@ -121,6 +121,10 @@ class GeneratorConfig(_Strict):
                                          "'openai:<model>@<base_url>' (an OpenAI-compatible server)")
     device: str | None = Field(None, description="transformers backend device (cpu, cuda); None: auto")
     max_model_len: int | None = Field(None, ge=16, description="vLLM context length (None: the model's own)")
+    dtype: str = Field("auto", description="weights dtype (auto, float32, bfloat16, float16)")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra backend arguments: vllm.LLM "
+                                          "engine arguments (enforce_eager, tensor_parallel_size, ...) or the "
+                                          "transformers/OpenAI backend's own (batch_size, api_key, ...)")
     max_batch_size: int = Field(8, ge=1, description="non-streamed answers generated together (Serve batching)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="seconds a batch waits to fill")
 

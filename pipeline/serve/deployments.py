@@ -187,10 +187,10 @@ class Generator:
         from memorag_core.query import Answerer
 
         cfg: GeneratorConfig = app.generator
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(cfg.engine_kwargs)
         if cfg.spec.startswith("vllm:") and cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
-        options = LoadOptions(device=cfg.device) if cfg.device else LoadOptions()
+        options = LoadOptions(**{k: v for k, v in (("device", cfg.device), ("dtype", cfg.dtype)) if v})
         t0 = time.perf_counter()
         self.answerer = Answerer(load_generator(cfg.spec, options, **kwargs))
         logger.info("generator %s ready in %.1f s", self.answerer.name, time.perf_counter() - t0)

@@ -122,7 +122,9 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
             return error_response(ApiError(400, f"malformed JSON: {first.get('msg', '')}", param="body"))
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc and loc[0] in ("body", "path", "query", "header"):  # where it was, not which field
+            loc = loc[1:]
         param = ".".join(loc) or None
         msg = f"{param or 'body'}: {first.get('msg', 'invalid')}"
         if len(errs) > 1:

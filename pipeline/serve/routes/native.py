@@ -23,19 +23,31 @@ class QueryBody(BaseModel):
     query: Optional[str] = Field(None, description="the question (may be omitted for task=summarize)")
     task: str = Field("memorag", description="memorag (clues from unit memories drive retrieval), qa (plain RAG: "
                                              "the question alone retrieves), summarize (key points -> summary)")
-    max_new_tokens: int = Field(256, description="most tokens of the answer")
-    units: int = Field(4, description="most unit memories that write clues")
-    top_k: int = Field(5, description="evidence passages handed to the generator")
-    clue_max_new_tokens: int = Field(64, description="most tokens per clue generation")
+    max_new_tokens: Optional[int] = Field(None, description="most tokens of the answer (default: 256, or the "
+                                                            "service's limit when lower)")
+    units: Optional[int] = Field(None, description="most unit memories that write clues (default 4)")
+    top_k: Optional[int] = Field(None, description="evidence passages handed to the generator (default 5)")
+    clue_max_new_tokens: Optional[int] = Field(None, description="most tokens per clue generation (default 64)")
     doc_id: Optional[str] = Field(None, description="summarize: the document to summarize (None: the collection)")
     use_draft: bool = Field(False, description="memorag: also ask each memory for a draft answer")
     stream: bool = Field(False, description="answer as server-sent events: token events, then a final event")
     version: Optional[str] = Field(None, description="a published version id to query (None: the live one)")
 
-    def request(self) -> QueryRequest:
-        return QueryRequest(query=self.query, task=self.task, max_new_tokens=self.max_new_tokens, units=self.units,
-                            top_k=self.top_k, clue_max_new_tokens=self.clue_max_new_tokens, doc_id=self.doc_id,
-                            use_draft=self.use_draft)
+    def request(self, limits) -> QueryRequest:
+        """The engine's request; fields left out take their default, capped by the service's ``limits``."""
+        return QueryRequest(query=self.query, task=self.task, doc_id=self.doc_id, use_draft=self.use_draft,
+                            **defaults(limits, max_new_tokens=self.max_new_tokens, units=self.units,
+                                       top_k=self.top_k, clue_max_new_tokens=self.clue_max_new_tokens))
+
+
+DEFAULTS = {"max_new_tokens": (256, "max_new_tokens"), "units": (4, "max_units"), "top_k": (5, "max_top_k"),
+            "clue_max_new_tokens": (64, "max_clue_tokens")}
+
+
+def defaults(limits, **given) -> dict:
+    """``given`` with None replaced by the default, capped by the matching limit."""
+    return {k: v if v is not None else min(DEFAULTS[k][0], getattr(limits, DEFAULTS[k][1]))
+            for k, v in given.items()}
 
 
 class EvidenceOut(BaseModel):
@@ -87,7 +99,7 @@ async def query_collection(name: str, body: QueryBody, authorization: Optional[s
                            ingress=Depends(get_ingress)):
     """Answer a question over collection ``name`` (its live version unless ``version`` is given)."""
     await ingress.authorize(name, authorization)
-    request = body.request()
+    request = body.request(ingress.limits)
     if not body.stream:
         return (await ingress.query(name, request, body.version)).to_dict()
     events = ingress.answer(name, request, body.version, stream=True)

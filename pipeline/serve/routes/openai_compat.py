@@ -59,14 +59,13 @@ def last_user_text(messages: list[ChatMessage]) -> str:
     raise ApiError(400, "messages holds no user message with text", param="messages")
 
 
-def _request(body: ChatBody, default_task: str) -> QueryRequest:
-    req = QueryRequest(query=last_user_text(body.messages), task=body.task or default_task)
+def _request(body: ChatBody, default_task: str, limits) -> QueryRequest:
+    from pipeline.serve.routes.native import defaults
+
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    for name, value in (("max_new_tokens", max_new), ("units", body.units), ("top_k", body.top_k),
-                        ("clue_max_new_tokens", body.clue_max_new_tokens)):
-        if value is not None:
-            setattr(req, name, value)
-    return req
+    return QueryRequest(query=last_user_text(body.messages), task=body.task or default_task,
+                        **defaults(limits, max_new_tokens=max_new, units=body.units, top_k=body.top_k,
+                                   clue_max_new_tokens=body.clue_max_new_tokens))
 
 
 def _memorag_extra(result) -> dict:
@@ -79,7 +78,7 @@ async def chat_completions(body: ChatBody, authorization: Optional[str] = Header
                            ingress=Depends(get_ingress)):
     """Answer the last user message from collection ``model``."""
     await ingress.authorize(body.model, authorization)
-    request = _request(body, ingress.config.default_task)
+    request = _request(body, ingress.config.default_task, ingress.limits)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         result = await ingress.query(body.model, request)

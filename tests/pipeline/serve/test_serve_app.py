@@ -192,6 +192,8 @@ def test_in_flight_limit_answers_429_with_retry_after(served):
     (b"x" * 5000, 413, "body"),
 ])
 def test_bad_input_gets_a_4xx_json_error_naming_the_field(served, body, status, param):
+    if isinstance(body, dict):
+        body = {"max_new_tokens": 2, **body}
     r = post(served, body)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -201,8 +203,9 @@ def test_bad_input_gets_a_4xx_json_error_naming_the_field(served, body, status, 
 
 
 def test_unknown_and_invalid_collections(served):
-    body = {"query": "q", "task": "qa"}
-    assert post(served, body, path="/v1/collections/bad%20name!/query").status_code == 422
+    body = {"query": "q", "task": "qa", "max_new_tokens": 2}
+    r = post(served, body, path="/v1/collections/bad%20name!/query")
+    assert r.status_code == 422 and r.json()["error"]["param"] == "collection"
     assert post(served, body, path="/v1/collections/..%2F..%2Fetc/query").status_code in (404, 422)
     # Unknown collection: a key of "other" opens it, and it does not exist.
     r = post(served, body, key=served.other_key, path="/v1/collections/other/query")
@@ -295,4 +298,4 @@ def test_serves_a_collection_that_the_memorize_job_published_to_moto_s3(served, 
     r = post(served, {"query": "When did the Marrow Valley railway close to freight?", **FAST}, key=key)
     assert r.status_code == 200, r.text
     assert r.json()["version"] == version and "railway" in [e["doc_id"] for e in r.json()["evidence"]]
-    assert post(served, {"query": "q", "task": "qa"}, key=served.key).status_code == 401  # keys of another store
+    assert post(served, {"query": "q", "task": "qa", "max_new_tokens": 2}, key=served.key).status_code == 401  # keys of another store
