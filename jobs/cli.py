@@ -145,11 +145,12 @@ def serve(
     """Start a local Ray + Serve running the memorag HTTP API over a store; prints the URL."""
     from jobs.serve import app_config, serve_forever, start_serve
 
+    from memorag_core.errors import InvalidInputError
+
     try:
         cfg = app_config(store, host=host, config_file=str(config) if config else None, no_auth=no_auth)
     except ValueError as exc:  # pydantic's ValidationError names the field
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise InvalidInputError(str(exc)) from None
     url = start_serve(cfg, port=port, ray_address=ray_address)
     typer.echo(f"memorag serving at {url} (API docs: {url}/docs)", err=False)
     sys.stdout.flush()
