@@ -16,7 +16,7 @@ What it does (bounded in time: every phase has a duration, every request a timeo
    anyone restarting anything.
 
 Results go to stdout and ``--json``. The same command runs on a GPU machine (``--device cuda --generator
-vllm:<model>``; more clients and replicas via ``--config``).
+vllm:<model> --stage-gpus 0.3``; more replicas via ``--config``).
 
     python benchmarks/bench_serve.py --store /tmp/bench-store --generator hf: --clients 1 8 64 --duration 60 \\
         --kill-at 20 --json runs/serve-hf.json
@@ -82,7 +82,8 @@ def ensure_collection(store: str, name: str, build: bool) -> str:
 
 
 class Recorder:
-    """Outcomes of the requests of one phase."""
+    """Outcomes of the requests of one phase: status codes, plus ``conn`` (connection refused/reset: counted as
+    server errors) and ``timeout`` (the client's own deadline: overload, reported apart)."""
 
     def __init__(self) -> None:
         self.ok: list[tuple[float, float, dict]] = []  # (end time, latency, timings)
@@ -105,6 +106,8 @@ async def client_loop(url: str, body_base: dict, deadline: float, rec: Recorder,
             try:
                 r = await client.post(url, json=body)
                 code = str(r.status_code)
+            except httpx.TimeoutException:  # the client gave up (--timeout): overload, not a server error
+                r, code = None, "timeout"
             except httpx.HTTPError:
                 r, code = None, "conn"
             end = time.monotonic()
@@ -152,19 +155,21 @@ async def run_phase(url: str, clients: int, duration: float, body: dict, timeout
         "stages_s": {s: {"p50": pct([t[2][s] for t in rec.ok if s in t[2]], 0.5),
                          "p99": pct([t[2][s] for t in rec.ok if s in t[2]], 0.99)} for s in STAGES},
         "server_errors": sum(v for k, v in rec.status.items() if k.startswith("5") or k == "conn"),
+        "client_timeouts": rec.status.get("timeout", 0),
     }
     if kill_at is not None and "t_kill" in kill_info:
         t_kill = kill_info["t_kill"]
         after = [e for e, _, _ in rec.ok if e > t_kill]
-        # An answer that ended after the kill, with its clue stage after it, went through the new replica.
-        recovered = min(after) if after else None
+        # A request sent after the kill that was answered had its clues written by the new replica.
+        fresh = [e for e, lat, _ in rec.ok if e - lat > t_kill]
+        recovered = min(fresh) if fresh else None
         out["fault"] = {
             "killed_pids": kill_info["pids"], "kill_at_s": round(t_kill - start, 1),
             "failed_during_gap": sum(1 for e in rec.failures if e >= t_kill and (recovered is None or e <= recovered
                                                                                  + 5)),
             "failed_total": len(rec.failures),
             "gap_s": round(recovered - t_kill, 1) if recovered else None,
-            "answered_after_kill": len(after), "recovered": bool(after),
+            "answered_after_kill": len(after), "answered_sent_after_kill": len(fresh), "recovered": bool(fresh),
         }
     return out
 
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build", action="store_true", help="publish a fresh version first")
     ap.add_argument("--generator", default="hf:", help="generator spec: hf:, vllm:, hf:<model>, vllm:<model>")
     ap.add_argument("--device", default="cpu", help="memory model, embedder and transformers generator device")
+    ap.add_argument("--stage-gpus", type=float, default=0.0, help="GPUs per memory/retriever/generator replica "
+                    "(on one GPU: e.g. 0.3; Ray hides GPUs from replicas that reserve none)")
     ap.add_argument("--config", default=None, help="a Serve config file (replicas, resources); flags override")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per level")
@@ -187,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--max-in-flight", type=int, default=32, help="per ingress replica (429 beyond)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ap.add_argument("--ray-address", default=None, help="join this Ray cluster (loopback) instead of a new one")
     ap.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
     ap.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -209,9 +217,20 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.serve import app_config, start_serve
     from tests.fixtures.ray_cluster import free_port
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE",
-                                                                 "TRANSFORMERS_OFFLINE") if k in os.environ}})
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
+    for attempt in range(3):  # Ray gives a starting node 30 s to register; a loaded machine can miss that
+        try:
+            ray.init(address=args.ray_address, num_cpus=None if args.ray_address else args.num_cpus,
+                     include_dashboard=None if args.ray_address else True, dashboard_host="127.0.0.1",
+                     log_to_driver=False, runtime_env={"env_vars": env})
+            break
+        except Exception as exc:  # noqa: BLE001 - retried, then raised
+            logger.warning("ray.init failed (attempt %d): %s", attempt + 1, exc)
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(10)
+    results_load = os.getloadavg()
     t0 = time.perf_counter()
     version = ensure_collection(args.store, args.collection, args.build)
     build_s = time.perf_counter() - t0
@@ -222,11 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         # In-process engine (no spawned worker re-importing vLLM), eager mode: see ENVIRONMENT.md / the vLLM tests.
         gen.update(max_model_len=2048, engine_kwargs={"enforce_eager": True, "distributed_executor_backend": "uni"})
         gen["deployment"]["env_vars"] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if args.device.startswith("cuda"):  # share the GPU with the memory model and the embedder
+            gen["engine_kwargs"] = {"gpu_memory_utilization": 0.5}
+    if args.stage_gpus:
+        gen["deployment"]["num_gpus"] = args.stage_gpus
+    gpu = {"num_gpus": args.stage_gpus} if args.stage_gpus else {}
     over = {
         "limits": {"max_in_flight": args.max_in_flight, "max_new_tokens": max(64, args.max_new_tokens)},
         "ingress": {"deployment": {**small, "max_ongoing_requests": args.max_in_flight * 2 + 8}},
-        "memory": {"device": args.device, "deployment": {**small, "max_ongoing_requests": 64}},
-        "retriever": {"device": args.device, "deployment": {**small, "max_ongoing_requests": 64}},
+        "memory": {"device": args.device, "deployment": {**small, **gpu, "max_ongoing_requests": 64}},
+        "retriever": {"device": args.device, "deployment": {**small, **gpu, "max_ongoing_requests": 64}},
         "generator": gen,
     }
     cfg = app_config(args.store, host="127.0.0.1", config_file=args.config, no_auth=True, overrides=over)
@@ -241,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     warm.raise_for_status()
     results = {"generator": args.generator, "device": args.device, "collection": args.collection,
                "version": version, "build_s": round(build_s, 1), "serve_start_s": round(start_s, 1),
-               "request": body, "levels": []}
+               "request": body, "load_average_at_start": [round(x, 1) for x in results_load], "levels": []}
     for n in args.clients:
         r = asyncio.run(run_phase(url, n, args.duration, body, args.timeout))
+        r["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
         logger.info("clients=%d: %s", n, json.dumps(r))
         results["levels"].append(r)
     if args.kill_at is not None:
