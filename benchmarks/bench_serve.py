@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from tests.fixtures.ray_cluster import free_port
 
     env = {k: os.environ[k] for k in ("PYTHONPATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k in os.environ}
-    for attempt in range(3):  # Ray gives a starting node 30 s to register; a loaded machine can miss that
+    for attempt in range(5):  # Ray gives a starting node 30 s to register; a loaded machine can miss that
         try:
             ray.init(address=args.ray_address, num_cpus=None if args.ray_address else args.num_cpus,
                      include_dashboard=None if args.ray_address else True, dashboard_host="127.0.0.1",
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - retried, then raised
             logger.warning("ray.init failed (attempt %d): %s", attempt + 1, exc)
             ray.shutdown()
-            if attempt == 2:
+            if attempt == 4:
                 raise
             time.sleep(10)
     results_load = os.getloadavg()
