@@ -275,6 +275,11 @@ class CollectionCatalog:
         self._renew_leases(name, force=True)
         return v
 
+    def held_collections(self) -> list[str]:
+        """Names of the collections with a loaded version (whose leases this holder keeps)."""
+        with self._lock:
+            return sorted({n for n, _ in self._views})
+
     def held_versions(self, name: str) -> list[str]:
         with self._lock:
             return sorted(v for (n, v) in self._views if n == name)

@@ -25,6 +25,7 @@ bulk summarization job stored for the version is returned as is when the request
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 
@@ -36,6 +37,60 @@ from memorag_core.query.types import QueryLimits, QueryRequest, QueryResult, Rou
 from memorag_core.retrieval.fusion import FusionConfig
 
 logger = logging.getLogger(__name__)
+
+
+class StoredSummaries:
+    """Reads the summaries that the bulk summarization job stored, for the engine and the Serve retriever.
+
+    Summaries live in their own namespace of the store (:mod:`memorag_core.store.summaries`); its live pointer
+    is re-read at most every ``catalog.refresh_s``. :meth:`lookup` returns a stored summary only when it is
+    current for the view: the collection summary computed over exactly the view's unit set, a document's summary
+    over the document's units in the view (a document alone in one unit is summarized by that unit's summary).
+    Unit ids are content hashes, so a collection version that re-publishes the same units keeps its summaries;
+    any change to the units makes them stale until the next summarize run, and the engine summarizes live.
+    """
+
+    def __init__(self, catalog) -> None:
+        self.catalog = catalog
+        self._store = None
+        self._cache: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, view, request: QueryRequest) -> str | None:
+        """The current stored summary for ``request`` (``doc_id`` or the collection) on ``view``, else None."""
+        stored = self._open(view.name)
+        if stored is None:
+            return None
+        if request.doc_id:
+            try:
+                doc_units = view.units_of_doc(request.doc_id)
+            except Exception:  # noqa: BLE001 - unknown document: the live path raises the right error
+                return None
+            return stored.document_summary(request.doc_id, doc_units, view.unit_docs)
+        return stored.collection_summary(view.units)
+
+    def _open(self, name: str):
+        from memorag_core.store.summaries import SummaryStore
+
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached is not None and now - cached[2] < self.catalog.refresh_s:
+                return cached[1]
+            if self._store is None:
+                self._store = SummaryStore(self.catalog.store)
+        try:
+            version = self._store.current_version(name)
+            if cached is not None and cached[0] == version:
+                stored = cached[1]
+            else:
+                stored = self._store.open(name, version) if version else None
+        except Exception as exc:  # noqa: BLE001 - stored summaries are an optimization: summarize live instead
+            logger.warning("cannot read stored summaries of %s: %s", name, exc)
+            version, stored = None, None
+        with self._lock:
+            self._cache[name] = (version, stored, now)
+        return stored
 
 
 def spread(items: list[str], k: int) -> list[str]:
@@ -69,8 +124,7 @@ class QueryEngine:
         self.limits = limits or QueryLimits()
         self._generator_spec = generator
         self._answerer: Answerer | None = None if generator is None else Answerer(generator)
-        self._summary_store = None
-        self._summaries_cache: dict[str, tuple] = {}
+        self.stored_summaries = StoredSummaries(self.catalog)
 
     # -- stages ----------------------------------------------------------------------------------------------
     def answerer_for(self, view) -> Answerer:
@@ -83,48 +137,8 @@ class QueryEngine:
         return self._answerer
 
     def stored_summary(self, view, request: QueryRequest) -> str | None:
-        """The summary the bulk summarization job stored for ``view``'s collection (or ``request.doc_id``), when it
-        is current for that version; else None (the engine then summarizes live).
-
-        Summaries live in their own namespace of the store (:mod:`memorag_core.store.summaries`; its live pointer
-        is re-read at most every ``refresh_s``). Current means computed over the same units: the collection
-        summary over exactly the view's unit set, a document's summary over the document's units in the view (a
-        document alone in one unit is summarized by that unit's summary). Unit ids are content hashes, so a
-        collection version that only re-publishes the same units keeps its summaries; any change to the units
-        makes them stale until the next summarize run.
-        """
-        stored = self._stored_summaries(view.name)
-        if stored is None:
-            return None
-        if request.doc_id:
-            try:
-                doc_units = view.units_of_doc(request.doc_id)
-            except Exception:  # noqa: BLE001 - unknown document: the live path raises the right error
-                return None
-            return stored.document_summary(request.doc_id, doc_units, view.unit_docs)
-        return stored.collection_summary(view.units)
-
-    def _stored_summaries(self, name: str):
-        """The live summaries version of ``name`` (cached; the pointer is re-read at most every ``refresh_s``)."""
-        from memorag_core.store.summaries import SummaryStore
-
-        now = time.monotonic()
-        cached = self._summaries_cache.get(name)
-        if cached is not None and now - cached[2] < self.catalog.refresh_s:
-            return cached[1]
-        if self._summary_store is None:
-            self._summary_store = SummaryStore(self.catalog.store)
-        try:
-            version = self._summary_store.current_version(name)
-            if cached is not None and cached[0] == version:
-                stored = cached[1]
-            else:
-                stored = self._summary_store.open(name, version) if version else None
-        except Exception as exc:  # noqa: BLE001 - stored summaries are an optimization: summarize live instead
-            logger.warning("cannot read stored summaries of %s: %s", name, exc)
-            version, stored = None, None
-        self._summaries_cache[name] = (version, stored, now)
-        return stored
+        """The summary the bulk job stored for ``view`` (see :class:`StoredSummaries`), or None."""
+        return self.stored_summaries.lookup(view, request)
 
     def _plan(self, name: str, request: QueryRequest, version: str | None):
         request.validate(self.limits)

@@ -50,7 +50,7 @@ class _CatalogOwner:
 
     def _renew(self, period: float) -> None:
         while not self._stop.wait(period):
-            for name in sorted({n for n, _ in list(self.catalog._views)}):
+            for name in self.catalog.held_collections():
                 try:
                     self.catalog.live_version(name)  # re-reads the pointer and renews this holder's lease
                 except Exception as exc:  # noqa: BLE001 - a store hiccup must not end the thread
@@ -138,10 +138,12 @@ class Retriever(_CatalogOwner):
 
     def __init__(self, app: ServeAppConfig) -> None:
         from memorag_core.query import EvidenceRetriever
+        from memorag_core.query.engine import StoredSummaries
 
         cfg: RetrieverConfig = app.retriever
         self._open_catalog(app)
         self.retriever = EvidenceRetriever(self.catalog, device=cfg.device)
+        self.stored_summaries = StoredSummaries(self.catalog)
 
     def _units(self, name: str, version: str, request: QueryRequest) -> list[RoutedUnit]:
         from memorag_core.query.engine import spread
@@ -167,10 +169,8 @@ class Retriever(_CatalogOwner):
 
     async def stored_summary(self, name: str, version: str, request: QueryRequest) -> str | None:
         """A summary the bulk job stored for this version (see :meth:`QueryEngine.stored_summary`), or None."""
-        from memorag_core.query.engine import QueryEngine
-
         view = await asyncio.to_thread(self.catalog.view, name, version)
-        return await asyncio.to_thread(QueryEngine.stored_summary, None, view, request)
+        return await asyncio.to_thread(self.stored_summaries.lookup, view, request)
 
 
 @serve.deployment(name="Generator")
