@@ -8,6 +8,8 @@
 * ``memorag memorize --corpus URL --collection NAME ...``: the corpus-scale Ray Data job (``jobs.memorize``),
   on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
 * ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
+* ``memorag serve --store URL``: the HTTP API on a local Ray + Serve (``jobs.serve``, ``pipeline.serve``).
+* ``memorag keys create|revoke|list --store URL --collection NAME``: API keys per collection.
 """
 
 from __future__ import annotations
@@ -189,6 +191,74 @@ def _ask_collection(question: Optional[str], collection: str, store: str, *, ver
                    f"{text[:100]}{'...' if len(text) > 100 else ''}")
     t = result.timings
     typer.echo("(" + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + ")")
+
+
+@app.command()
+def serve(
+    store: str = typer.Option(..., "--store", help="store root: local folder or s3://bucket/prefix"),
+    host: str = typer.Option("127.0.0.1", help="address to serve HTTP on"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Serve config file (pipeline/serve/serve_config.yaml)"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="no API keys (refused unless HOST is loopback)"),
+    ray_address: Optional[str] = typer.Option(None, help="join this Ray cluster instead of starting a local one"),
+) -> None:
+    """Start a local Ray + Serve running the memorag HTTP API over a store; prints the URL."""
+    from jobs.serve import app_config, serve_forever, start_serve
+
+    try:
+        cfg = app_config(store, host=host, config_file=str(config) if config else None, no_auth=no_auth)
+    except ValueError as exc:  # pydantic's ValidationError names the field
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    url = start_serve(cfg, port=port, ray_address=ray_address)
+    typer.echo(f"memorag serving at {url} (API docs: {url}/docs)", err=False)
+    sys.stdout.flush()
+    serve_forever(url)
+
+
+keys_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="API keys per collection (stored hashed in the store).")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    store: str = typer.Option(..., "--store", help="store root: local folder or s3://bucket/prefix"),
+    collection: str = typer.Option(..., "--collection", help="the collection the key opens"),
+    label: str = typer.Option("", help="a note stored with the key"),
+) -> None:
+    """Create a key; it is printed once (only its salted hash is stored)."""
+    from memorag_core.store.keys import ApiKeyStore
+
+    record, key = ApiKeyStore(store).create(collection, label)
+    typer.echo(f"key id: {record.key_id}", err=True)
+    typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="the key id (the 16 hex characters after 'mrg_'), or the key"),
+    store: str = typer.Option(..., "--store", help="store root"),
+    collection: str = typer.Option(..., "--collection", help="the collection of the key"),
+) -> None:
+    """Revoke a key (a running service stops accepting it within a few seconds)."""
+    from memorag_core.store.keys import ApiKeyStore, parse_key
+
+    parsed = parse_key(key_id)
+    ApiKeyStore(store).revoke(collection, parsed[0] if parsed else key_id)
+    typer.echo(f"revoked {parsed[0] if parsed else key_id}")
+
+
+@keys_app.command("list")
+def keys_list(
+    store: str = typer.Option(..., "--store", help="store root"),
+    collection: str = typer.Option(..., "--collection", help="the collection"),
+) -> None:
+    """The key ids of a collection (never the keys)."""
+    from memorag_core.store.keys import ApiKeyStore
+
+    for r in ApiKeyStore(store).list(collection):
+        typer.echo(f"{r.key_id}\t{r.created_at}\t{r.label}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,21 +138,52 @@ class ClueWriter:
         Raises ArtifactNotFoundError / CorruptArtifactError from the store, InvalidInputError for a unit that is
         not in the version.
         """
+        return self.clues_batch(name, version, [(query, list(unit_ids))], max_new_tokens=max_new_tokens,
+                                with_draft=with_draft)[0]
+
+    def clues_batch(self, name: str, version: str, requests: list[tuple[str, list[str]]], *,
+                    max_new_tokens: int = 128, with_draft: bool = False) -> list[list[UnitClues]]:
+        """Clues for several questions at once: ``requests`` is ``[(query, unit_ids), ...]``.
+
+        Each unit's memory is loaded once, and the prompts of every question that reached the unit (recall,
+        rewrite, and draft when asked) are decoded together as one batch after it: concurrent requests to the
+        same unit cost one pass over the memory per step, not one each (the Serve memory worker batches
+        requests this way). Returns one list per request, in its ``unit_ids`` order.
+        """
+        from memorag_core.errors import InvalidInputError
+        from memorag_core.memory import check_text
+
         view = self.catalog.view(name, version)
         memory = self.memory_for(view)
-        out = []
+        queries = [check_text(q, "query") for q, _ in requests]
+        for q in queries:  # the same bound Memory.generate applies to a query it fills in itself
+            n = len(memory._encode(q))
+            if n > memory.config.max_query_tokens:
+                raise InvalidInputError(f"query is {n} tokens long; the limit is max_query_tokens="
+                                        f"{memory.config.max_query_tokens}")
+        by_unit: dict[str, list[int]] = {}
+        for i, (_, uids) in enumerate(requests):
+            for uid in uids:
+                by_unit.setdefault(uid, []).append(i)
+        names = ["spans", "surrogates"] + (["answer"] if with_draft else [])
+        done: dict[tuple[int, str], UnitClues] = {}
         with self._lock:
-            for uid in unit_ids:
+            for uid, members in by_unit.items():
                 t0 = time.perf_counter()
                 m, cached = self._load(view, memory, uid)
                 memory.import_tensors(m)
-                texts = memory.clue_texts(query, max_new_tokens, with_answer=with_draft)
-                lang = memory.prompts.language
-                out.append(UnitClues(uid, spans=split_lines(texts["spans"], lang),
-                                     surrogates=split_lines(texts["surrogates"], lang),
-                                     draft=(texts.get("answer") or None), seconds=time.perf_counter() - t0,
-                                     cached=cached))
-        return out
+                p = memory.prompts
+                insts = [p.span, p.surrogate] + ([p.qa] if with_draft else [])
+                # Instructions are filled here (query "" below leaves them as they are): one decode for all.
+                texts = memory.generate([inst.format(question=queries[i]) for i in members for inst in insts], "",
+                                        max_new_tokens)
+                seconds = time.perf_counter() - t0
+                for j, i in enumerate(members):
+                    t = dict(zip(names, texts[j * len(insts):(j + 1) * len(insts)]))
+                    done[(i, uid)] = UnitClues(uid, spans=split_lines(t["spans"], p.language),
+                                               surrogates=split_lines(t["surrogates"], p.language),
+                                               draft=(t.get("answer") or None), seconds=seconds, cached=cached)
+        return [[done[(i, uid)] for uid in uids] for i, (_, uids) in enumerate(requests)]
 
     def key_points(self, name: str, version: str, unit_ids: list[str], *, max_new_tokens: int = 256
                    ) -> list[UnitClues]:

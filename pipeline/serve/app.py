@@ -1,0 +1,263 @@
+"""The memorag Ray Serve application: a FastAPI ingress over the memory worker, retriever and generator.
+
+``build_app(args)`` is the application builder that ``serve run``, ``memorag serve`` and a KubeRay RayService
+import (``import_path: pipeline.serve.app:build_app``); ``args`` is a :class:`~pipeline.serve.config.ServeAppConfig`.
+
+A request: the ingress checks the body (limits), the key (per collection) and resolves the collection's live
+version once (the catalog re-reads the pointer at most every ``refresh_s``); then it calls the deployments with
+that ``(collection, version)``::
+
+    retriever.units -> memory.clues (batched) -> retriever.retrieve -> generator.generate | generator.stream
+
+so a query in flight finishes on the version it started on, and a version published meanwhile serves the next
+request without a restart. The deployments hold leases on the versions they have loaded, so the store's gc keeps
+them.
+
+Extending the API: routes live in routers (``pipeline/serve/routes/*.py``) that reach this replica's
+:class:`Ingress` through the ``ingress`` dependency (:func:`pipeline.serve.routes.deps.get_ingress`); add a
+router to :data:`ROUTERS` (or pass ``extra_routers`` to :func:`create_api`) to add endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve import Application
+
+from memorag_core.errors import InvalidInputError
+from memorag_core.query.types import QueryRequest, QueryResult, StreamEvent
+from pipeline.serve.config import ServeAppConfig
+from pipeline.serve.deployments import Generator, MemoryWorker, Retriever
+from pipeline.serve.http import ApiError, GuardMiddleware, install_error_handlers
+
+logger = logging.getLogger("memorag.serve")
+
+STAGES = ("route", "clues", "retrieve", "generate", "total")
+
+
+class IngressMetrics:
+    """Prometheus metrics of the ingress, exported by Ray's metrics agent (names get Ray's ``ray_`` prefix)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        self.requests = Counter("memorag_requests_total", description="HTTP requests by route and status",
+                                tag_keys=("route", "status"))
+        self.errors = Counter("memorag_request_errors_total", description="HTTP requests answered with an error "
+                              "status (4xx, 5xx), by route and status", tag_keys=("route", "status"))
+        self.stage = Histogram("memorag_stage_seconds", description="seconds per query stage (route, clues, "
+                               "retrieve, generate, total)", boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10,
+                                                                          20, 60, 120], tag_keys=("stage",))
+
+    def request(self, route: str, status: int) -> None:
+        tags = {"route": route, "status": str(status)}
+        self.requests.inc(tags=tags)
+        if status >= 400:
+            self.errors.inc(tags=tags)
+
+    def stages(self, timings: dict[str, float]) -> None:
+        for k, v in timings.items():
+            if k in STAGES:
+                self.stage.observe(v, tags={"stage": k})
+
+
+def create_api(ingress: "Ingress", extra_routers: list | None = None) -> FastAPI:
+    """The FastAPI app of one ingress replica: routers, error handlers and the guard middleware."""
+    from pipeline.serve.routes import ROUTERS
+
+    cfg = ingress.config
+    api = FastAPI(title="memorag", version="0.1.0", description="MemoRAG over published collections: native "
+                  "query API, OpenAI-compatible chat completions (model = collection), health and metrics.")
+    api.state.ingress = ingress
+    for router in list(ROUTERS) + list(extra_routers or []):
+        api.include_router(router)
+    install_error_handlers(api, cfg.limits.retry_after_s)
+    api.add_middleware(GuardMiddleware, max_body_bytes=cfg.limits.max_body_bytes,
+                       max_in_flight=cfg.limits.max_in_flight, retry_after_s=cfg.limits.retry_after_s,
+                       metrics=ingress.metrics)
+    return api
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP front door: limits, auth, version resolution, and the composition of the stage deployments.
+
+    Args:
+        config: the application config. memory, retriever, generator: handles of the stage deployments.
+    """
+
+    def __init__(self, config: ServeAppConfig, memory, retriever, generator) -> None:
+        from memorag_core.query import CollectionCatalog
+        from memorag_core.store.keys import ApiKeyStore
+
+        self.config = config
+        self.limits = config.limits.query_limits()
+        # The ingress reads pointers and manifests only (no views, no leases): deployments load versions.
+        self.catalog = CollectionCatalog(config.store, config.storage_options, refresh_s=config.refresh_s,
+                                         lease_ttl_s=config.lease_ttl_s)
+        self.keys = ApiKeyStore(self.catalog.store)
+        self._verdicts: dict[tuple[str, str], tuple[str, float]] = {}
+        self.memory, self.retriever, self.generator = memory, retriever, generator
+        self.metrics = IngressMetrics()
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self)
+
+    # -- auth ------------------------------------------------------------------------------------------------
+    async def authorize(self, collection: str, authorization: str | None) -> None:
+        """Raise ApiError 401 (missing/unknown key) or 403 (a key of another collection) unless the request's
+        bearer key opens ``collection``. Verdicts are cached for ``ingress.key_cache_s`` seconds."""
+        check_collection_name(collection)
+        if not self.config.auth:
+            return
+        key = bearer(authorization)
+        if key is None:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        cache_key = (collection, hashlib.sha256(key.encode()).hexdigest())
+        now = time.monotonic()
+        hit = self._verdicts.get(cache_key)
+        if hit is not None and now - hit[1] < self.config.ingress.key_cache_s:
+            verdict = hit[0]
+        else:
+            verdict = await asyncio.to_thread(self.keys.check, collection, key)
+            if len(self._verdicts) > 10_000:
+                self._verdicts.clear()
+            self._verdicts[cache_key] = (verdict, now)
+        if verdict == "unknown":
+            raise ApiError(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        if verdict == "forbidden":
+            raise ApiError(403, f"this API key does not open collection {collection!r}")
+
+    async def visible_collections(self, authorization: str | None) -> list[str] | None:
+        """Collections a caller may list: all without auth, else the key's own (401 without a valid key)."""
+        if not self.config.auth:
+            return None
+        key = bearer(authorization)
+        owner = await asyncio.to_thread(self.keys.owner, key) if key else None
+        if owner is None:
+            raise ApiError(401, "missing or unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        return [owner]
+
+    # -- queries ---------------------------------------------------------------------------------------------
+    async def resolve_version(self, name: str, version: str | None) -> str:
+        """The version a request runs on: the one it names (checked) or the live one, resolved once here."""
+        if version is not None:
+            from memorag_core.store.collection import _VERSION_RE
+
+            if not isinstance(version, str) or not _VERSION_RE.match(version):
+                raise ApiError(422, f"version {version!r} is not a version id (e.g. "
+                                    "20260101T120000.000000Z-1a2b3c4d)", param="version")
+            return version
+        return await asyncio.to_thread(self.catalog.live_version, name)
+
+    async def answer(self, name: str, request: QueryRequest, version: str | None = None, *, stream: bool = False
+                     ) -> AsyncIterator[StreamEvent]:
+        """Answer ``request`` over ``name``: ``token`` events (only when ``stream``), then a ``final`` event."""
+        from memorag_core.query.engine import QueryEngine
+
+        request.validate(self.limits)
+        t_start = time.perf_counter()
+        version = await self.resolve_version(name, version)
+        timings: dict[str, float] = {}
+        if request.task == "summarize":
+            stored = await self.retriever.stored_summary.remote(name, version, request)
+            if stored is not None:
+                timings["total"] = time.perf_counter() - t_start
+                if stream:
+                    yield StreamEvent("token", stored)
+                yield StreamEvent("final", result=QueryResult(stored, name, version, request.task, timings=timings))
+                return
+        t = time.perf_counter()
+        units = await self.retriever.units.remote(name, version, request)
+        timings["route"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ids = [u.unit_id for u in units]
+        clues = []
+        if request.task == "memorag":
+            clues = await self.memory.clues.remote(name, version, ids, request.query, request.clue_max_new_tokens,
+                                                   request.use_draft)
+        elif request.task == "summarize":
+            clues = await self.memory.key_points.remote(name, version, ids, max(request.clue_max_new_tokens, 128))
+        timings["clues"] = time.perf_counter() - t
+        t = time.perf_counter()
+        evidence, queries = await self.retriever.retrieve.remote(
+            name, version, request.query, clues, request.top_k,
+            request.doc_id if request.task == "summarize" else None)
+        timings["retrieve"] = time.perf_counter() - t
+        texts = QueryEngine._evidence_texts(request, clues, evidence)
+        t = time.perf_counter()
+        if stream:
+            pieces = []
+            gen = self.generator.options(stream=True).stream.remote(request.task, request.query, texts,
+                                                                   request.max_new_tokens)
+            async for piece in gen:
+                pieces.append(piece)
+                yield StreamEvent("token", piece)
+            answer = "".join(pieces).strip()
+        else:
+            answer = await self.generator.generate.remote(request.task, request.query, texts,
+                                                          request.max_new_tokens)
+        timings["generate"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        self.metrics.stages(timings)
+        yield StreamEvent("final", result=QueryResult(answer, name, version, request.task, units=units,
+                                                      clues=clues, evidence=evidence, timings=timings,
+                                                      retrieval_queries=queries))
+
+    async def query(self, name: str, request: QueryRequest, version: str | None = None) -> QueryResult:
+        """The whole answer (see :meth:`answer`)."""
+        async for event in self.answer(name, request, version):
+            if event.kind == "final":
+                return event.result
+        raise RuntimeError("answer ended without a final event")  # pragma: no cover
+
+    async def ready(self) -> dict:
+        """Each stage deployment answers (used by /readyz)."""
+        checks = {"memory": self.memory.stats.remote(), "generator": self.generator.name.remote()}
+        out = {}
+        for k, resp in checks.items():
+            try:
+                await asyncio.wait_for(resp, timeout=5.0)
+                out[k] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                out[k] = f"unavailable: {type(exc).__name__}"
+        return out
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def check_collection_name(name: str) -> str:
+    """A collection name that stays inside the store (422 naming ``collection`` otherwise)."""
+    from memorag_core.store.collection import _COLLECTION_RE
+
+    if not isinstance(name, str) or not _COLLECTION_RE.match(name):
+        raise ApiError(422, f"collection name {name!r} must match {_COLLECTION_RE.pattern}", param="collection")
+    return name
+
+
+def build_app(args: ServeAppConfig) -> Application:
+    """The application builder (``import_path: pipeline.serve.app:build_app``); ``args`` as ServeAppConfig."""
+    cfg = args if isinstance(args, ServeAppConfig) else ServeAppConfig.model_validate(args)
+    memory = MemoryWorker.options(**cfg.memory.deployment.serve_options()).bind(cfg)
+    retriever = Retriever.options(**cfg.retriever.deployment.serve_options()).bind(cfg)
+    generator = Generator.options(**cfg.generator.deployment.serve_options()).bind(cfg)
+    if cfg.ingress.deployment.max_ongoing_requests <= cfg.limits.max_in_flight:
+        raise InvalidInputError("ingress.deployment.max_ongoing_requests must exceed limits.max_in_flight, or Serve "
+                                "queues requests that the ingress should answer with 429")
+    return Ingress.options(**cfg.ingress.deployment.serve_options()).bind(cfg, memory, retriever, generator)
