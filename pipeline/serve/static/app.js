@@ -264,10 +264,11 @@
       const resp = await fetch("v1/collections/" + encodeURIComponent(collection) + "/query",
         { method: "POST", headers: headers(true), body: JSON.stringify(body), signal: controller.signal });
       if (!resp.ok) throw await failure(resp);
-      let final = null;
+      let final = null, tokens = 0;
       for await (const e of sseEvents(resp)) {
         if (e.event === "token") {
           $("answer").append(document.createTextNode(e.data.text));
+          $("answer").dataset.tokens = String(++tokens);
           status("answering... " + ((performance.now() - t0) / 1000).toFixed(1) + " s");
         } else if (e.event === "final") {
           final = e.data;
