@@ -27,7 +27,8 @@ deduplicated by title, embedded with the embedded all-MiniLM-L6-v2; passages are
 * ``standalone``: the session memory's standalone question alone (turn 2 when it wrote none).
 
 The session memory is the real :class:`memorag_core.query.sessions.Conversations` on the embedded
-SmolLM2-135M-Instruct (compressed KV, the default :class:`SessionConfig`): turn 1 is recorded (appended), then
+SmolLM2-135M-Instruct (compressed KV, the default :class:`SessionConfig` compression; at most 32 tokens of
+standalone question and 24 of recalls, flags): turn 1 is recorded (appended), then
 :meth:`Conversations.prepare` writes the standalone question and recalls for turn 2. Resumable: each dialogue's
 generations go to ``dialogues.jsonl`` in ``--out`` as they finish, and a rerun skips them. ::
 
@@ -173,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/sessions")
     ap.add_argument("--ks", default="2,5,10")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--report-only", action="store_true", help="no new dialogues: the table over those done")
+    ap.add_argument("--standalone-tokens", type=int, default=32, help="most tokens of the standalone question")
+    ap.add_argument("--recall-tokens", type=int, default=24, help="most tokens of the recalls")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     import torch
@@ -207,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             if line.strip():
                 d = json.loads(line)
                 done[d["id"]] = d
-    base = build_memory(MemoryConfig(load={"device": "cpu"}))
-    conv = Conversations(SessionStore(str(out / "store"), config=SessionConfig()), lambda name: base)
+    base = build_memory(MemoryConfig(load={"device": "cpu"})) if not args.report_only else None
+    cfg = SessionConfig(standalone_tokens=args.standalone_tokens, recall_tokens=args.recall_tokens)
+    conv = Conversations(SessionStore(str(out / "store"), config=cfg), lambda name: base)
     owner = owner_of("bench", "hotpot")
-    todo = [d for d in dialogues if d["id"] not in done]
+    todo = [] if args.report_only else [d for d in dialogues if d["id"] not in done]
     print(f"{len(dialogues)} dialogues built, {len(done)} done, {len(todo)} to run", flush=True)
     with done_path.open("a") as fh:
         for i, d in enumerate(todo):

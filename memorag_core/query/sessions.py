@@ -65,27 +65,23 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 STATE_SCHEMA = 1
 
-#: the instruction that turns a follow-up into a standalone question (``{question}`` is the follow-up)
+#: the instruction that turns a follow-up into a standalone question (``{question}`` is the follow-up). Short and
+#: direct: small memory models (SmolLM2-135M) echo long instructions back instead of following them.
 STANDALONE_PROMPT = (
-    "The text above is a conversation between a user and an assistant. A follow-up question comes next. Rewrite "
-    "it as one standalone question: replace every pronoun or vague reference (he, she, it, they, this, that) by "
-    "the name it refers to in the conversation.\n\n"
     "Follow-up question: {question}\n\n"
-    "Write only the standalone question."
+    "Rewrite the follow-up question as one complete question that uses the name from the conversation instead "
+    "of he, she, it, they or that. Write only the complete question."
 )
-#: the instruction that recalls what the conversation said about a follow-up
+#: the instruction that recalls what the follow-up refers to in the conversation
 RECALL_PROMPT = (
-    "The text above is a conversation between a user and an assistant. A follow-up question comes next. Recall "
-    "the names, facts and sources from the conversation that the follow-up refers to.\n\n"
     "Follow-up question: {question}\n\n"
-    "Write them one per line, only them."
+    "Who or what in the conversation does the follow-up question refer to? Write only the names, one per line."
 )
 #: the instruction that recalls what a user's past sessions revealed (preferences, background, questions)
 USER_PROMPT = (
-    "The text above records what a user asked and said in earlier conversations. A new request from the same "
-    "user comes next. Recall the user's preferences, background and earlier topics that bear on it.\n\n"
-    "Request: {question}\n\n"
-    "Write them one per line, only them."
+    "New request from the same user: {question}\n\n"
+    "What did this user say earlier about their preferences, background or interests that bears on the new "
+    "request? Write only those facts, one per line."
 )
 
 
@@ -536,18 +532,26 @@ def user_text(collection: str, turns: list[Turn]) -> str:
 
 
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|[A-Za-z][.)](?=\s))\s*")
+_LABEL = re.compile(r"^(?:complete|standalone|rewritten)? ?question\s*:\s*|^names?\s*:\s*", re.IGNORECASE)
 
 
-def _lines(text: str, limit: int = 6) -> list[str]:
-    """Generated text -> distinct non-empty lines (bullets and numbering stripped), at most ``limit``.
+def _lines(text: str, limit: int = 6, echo_of: str = "") -> list[str]:
+    """Generated text -> distinct non-empty lines (bullets, numbering and "Question:" labels stripped), at most
+    ``limit``. A line that only echoes the prompt (``echo_of``: instruction, acknowledgement, context prompt; small
+    models repeat them) is dropped.
 
     Short lines are kept: a recalled name ("Shirley Temple") is the most useful recall there is.
     """
+    from memorag_core.retrieval.fusion import normalize_query
+
+    echo = normalize_query(echo_of)
     out: list[str] = []
     for line in text.splitlines():
-        line = _BULLET.sub("", line).strip().strip('"').strip()
-        if re.search(r"\w\w", line) and line not in out:
-            out.append(line)
+        line = _LABEL.sub("", _BULLET.sub("", line).strip()).strip().strip('"').strip()
+        key = normalize_query(line)
+        if not re.search(r"\w\w", line) or line in out or (echo and key and key in echo):
+            continue
+        out.append(line)
     return out[:limit]
 
 
@@ -638,6 +642,17 @@ class Conversations:
             tensors = fold_oldest(memory, tensors, state, 1)
         return tensors
 
+    @staticmethod
+    def _echo(memory, instructions: str, query: str) -> str:
+        """The text a model may echo instead of answering: the instructions, the acknowledgement, the context
+        prompt and the preamble (not the question: a standalone question may well contain all of its words)."""
+        p = memory.prompts
+        parts = [instructions.replace("{question}", " "), "This is a record of a conversation with an assistant "
+                 "about the collection", "a user's earlier conversations"]
+        if p is not None:
+            parts += [p.ack, p.context.replace("{context}", " ")]
+        return " \n ".join(parts)
+
     # -- per query -------------------------------------------------------------------------------------------
     def prepare(self, collection: str, owner: str, query: str, *, session_id: str | None = None,
                 user_id: str | None = None) -> SessionContext:
@@ -667,16 +682,18 @@ class Conversations:
                                                                              self.config.recall_tokens))
                     from memorag_core.retrieval.fusion import normalize_query
 
-                    line = (_lines(standalone, 1) or [""])[0]
+                    echo = self._echo(memory, STANDALONE_PROMPT + " " + RECALL_PROMPT, query)
+                    line = (_lines(standalone, 1, echo) or [""])[0]
                     ctx.standalone = line if line and normalize_query(line) != normalize_query(query) else None
-                    ctx.session_recalls = _lines(recalls)
+                    ctx.session_recalls = _lines(recalls, echo_of=echo)
             if user_id is not None:
                 ustate = self.sessions.get("user", user_id, owner, collection)
                 if ustate is not None and ustate.turns:
                     memory = memory or self.memory_for(collection)
                     if self._load_into(memory, ustate):
                         ctx.user_recalls = _lines(memory.generate(USER_PROMPT, query,
-                                                                  max_new_tokens=self.config.recall_tokens)[0])
+                                                                  max_new_tokens=self.config.recall_tokens)[0],
+                                                  echo_of=self._echo(memory, USER_PROMPT, query))
         ctx.seconds = time.perf_counter() - t0
         return ctx
 

@@ -45,7 +45,7 @@ def test_a_follow_up_in_a_session(engine):
 @pytest.fixture(scope="module")
 def embedded_engine(embedded_collection) -> QueryEngine:
     return QueryEngine(embedded_collection.store, refresh_s=0.0, device="cpu",
-                       session_config=SessionConfig(user_every=1, recall_tokens=32, standalone_tokens=24))
+                       session_config=SessionConfig(user_every=1, recall_tokens=24, standalone_tokens=16))
 
 
 def _rank(result, doc_id: str) -> int:
@@ -53,6 +53,7 @@ def _rank(result, doc_id: str) -> int:
     return docs.index(doc_id) if doc_id in docs else len(docs)
 
 
+@pytest.mark.slow  # several SmolLM2 appends and decodes: minutes on a loaded 2-core machine
 def test_a_stated_preference_changes_a_later_sessions_retrieval(embedded_engine):
     eng = embedded_engine
     ambiguous = "Where should I go this Saturday morning?"

@@ -210,3 +210,13 @@ def test_query_request_validates_session_fields():
         QueryRequest("q", session_id="../x").validate()
     with pytest.raises(InvalidInputError, match="summarize"):
         QueryRequest(None, task="summarize", user_id="bob").validate()
+
+
+def test_generated_lines_drop_prompt_echoes_and_labels():
+    from memorag_core.query.sessions import RECALL_PROMPT, _lines
+
+    echo = RECALL_PROMPT.replace("{question}", " ") + " I have read the whole text. What is the task?"
+    text = ("I have read the whole text.\n- Jörgen Smit\n2. Question: When was Jörgen Smit born?\n"
+            "Write only the names, one per line.\n- Jörgen Smit\n")
+    assert _lines(text, echo_of=echo) == ["Jörgen Smit", "When was Jörgen Smit born?"]
+    assert _lines("a\n\n--\n", echo_of=echo) == []
