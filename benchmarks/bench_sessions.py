@@ -238,8 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     fusion = FusionConfig()
     conds = ("question", "history", "session", "standalone")
     scores = {c: {k: [] for k in ks} for c in conds}
+    from memorag_core.prompts import PROMPTS
+    from memorag_core.query.sessions import RECALL_PROMPT, STANDALONE_PROMPT, Conversations as _C, _lines
+
+    class _P:  # the echo text the session code filters against (English prompts)
+        prompts = PROMPTS["en"]
+
+    echo = _C._echo(_P, STANDALONE_PROMPT + " " + RECALL_PROMPT, "")
     for d in (done[x["id"]] for x in dialogues if x["id"] in done):
         q2 = d["turn2"]
+        # generations stored by an older run are filtered again with the current echo filter (deterministic)
+        d["standalone"] = (_lines(d["standalone"] or "", 1, echo) or [None])[0]
+        d["recalls"] = _lines("\n".join(d["recalls"]), echo_of=echo)
         session_q = ([d["standalone"]] if d["standalone"] else []) + list(d["recalls"])
         ranked = rank([q2, f"{d['turn1']} {d['answer1']} {q2}", d["standalone"] or q2] + session_q)
         rq, rh, rs = ranked[0], ranked[1], ranked[2]
@@ -258,14 +268,17 @@ def main(argv: list[str] | None = None) -> int:
              "recall": {c: {str(k): round(100 * sum(v) / max(1, len(v)), 1) for k, v in scores[c].items()}
                         for c in conds},
              "median_prepare_s": prep[len(prep) // 2] if prep else None,
-             "standalone_written": sum(1 for x in dialogues if x["id"] in done and done[x["id"]]["standalone"])}
+             "standalone_written": sum(1 for x in dialogues if x["id"] in done and done[x["id"]]["standalone"]),
+             "with_session_queries": sum(1 for x in dialogues if x["id"] in done
+                                         and (done[x["id"]]["standalone"] or done[x["id"]]["recalls"]))}
     (out / "results.json").write_text(json.dumps(table, indent=2))
     print(f"\nturn-2 recall@k of both gold paragraphs, n={n} dialogues, {len(passages)} pooled passages")
     print("| condition | " + " | ".join(f"R@{k}" for k in ks) + " |")
     print("|---|" + "---|" * len(ks))
     for c in conds:
         print(f"| {c} | " + " | ".join(f"{table['recall'][c][str(k)]:.1f}" for k in ks) + " |")
-    print(f"standalone written for {table['standalone_written']}/{n}; median prepare {table['median_prepare_s']} s")
+    print(f"standalone written for {table['standalone_written']}/{n}, any session query for "
+          f"{table['with_session_queries']}/{n}; median prepare {table['median_prepare_s']} s")
     return 0
 
 

@@ -538,18 +538,22 @@ _LABEL = re.compile(r"^(?:complete|standalone|rewritten)? ?question\s*:\s*|^name
 def _lines(text: str, limit: int = 6, echo_of: str = "") -> list[str]:
     """Generated text -> distinct non-empty lines (bullets, numbering and "Question:" labels stripped), at most
     ``limit``. A line that only echoes the prompt (``echo_of``: instruction, acknowledgement, context prompt; small
-    models repeat them) is dropped.
+    models repeat them, sometimes paraphrased) is dropped: a piece of it, or 80% of its words from it.
 
     Short lines are kept: a recalled name ("Shirley Temple") is the most useful recall there is.
     """
     from memorag_core.retrieval.fusion import normalize_query
 
     echo = normalize_query(echo_of)
+    echo_words = set(echo.split())
     out: list[str] = []
     for line in text.splitlines():
         line = _LABEL.sub("", _BULLET.sub("", line).strip()).strip().strip('"').strip()
         key = normalize_query(line)
-        if not re.search(r"\w\w", line) or line in out or (echo and key and key in echo):
+        words = key.split()
+        # an echo: the line is a piece of the prompt, or (paraphrased) at least 80% of its words come from it
+        echoed = bool(echo and key) and (key in echo or sum(w in echo_words for w in words) >= 0.8 * len(words))
+        if not re.search(r"\w\w", line) or line in out or echoed:
             continue
         out.append(line)
     return out[:limit]

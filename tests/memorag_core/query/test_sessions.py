@@ -220,3 +220,5 @@ def test_generated_lines_drop_prompt_echoes_and_labels():
             "Write only the names, one per line.\n- Jörgen Smit\n")
     assert _lines(text, echo_of=echo) == ["Jörgen Smit", "When was Jörgen Smit born?"]
     assert _lines("a\n\n--\n", echo_of=echo) == []
+    assert _lines("I have read the text. What is the task?", echo_of=echo) == []  # paraphrased echo
+    assert _lines("When did Elsa Brandt build it?", echo_of=echo) == ["When did Elsa Brandt build it?"]
