@@ -10,6 +10,8 @@
 * ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
 * ``memorag serve --store URL``: the HTTP API on a local Ray + Serve (``jobs.serve``, ``pipeline.serve``).
 * ``memorag keys create|revoke|list --store URL --collection NAME``: API keys per collection.
+* ``memorag summarize --collection NAME --store URL ...``: bulk, incremental summaries of a published collection
+  (``jobs.summarize``), on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
 """
 
 from __future__ import annotations
@@ -259,6 +261,20 @@ def keys_list(
 
     for r in ApiKeyStore(store).list(collection):
         typer.echo(f"{r.key_id}\t{r.created_at}\t{r.label}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                "help_option_names": []})
+def summarize(ctx: typer.Context) -> None:
+    """Summarize a published collection: unit, document and collection summaries, incrementally (Ray job).
+
+    Every flag goes to ``jobs.summarize`` (``memorag summarize --help`` lists them).
+    """
+    from jobs.summarize import main as summarize_main
+
+    code = summarize_main(list(ctx.args))
+    if code:
+        raise typer.Exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

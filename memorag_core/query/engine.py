@@ -75,6 +75,8 @@ class QueryEngine:
         self.limits = limits or QueryLimits()
         self._generator_spec = generator
         self._answerer: Answerer | None = None if generator is None else Answerer(generator)
+        self._summary_store = None
+        self._summaries_cache: dict[str, tuple] = {}
         self._session_config = session_config
         self._conversations = None
 
@@ -100,28 +102,48 @@ class QueryEngine:
         return self._answerer
 
     def stored_summary(self, view, request: QueryRequest) -> str | None:
-        """The summary the bulk summarization job stored for this version (collection or ``doc_id``), if any.
+        """The summary the bulk summarization job stored for ``view``'s collection (or ``request.doc_id``), when it
+        is current for that version; else None (the engine then summarizes live).
 
-        Reads ``summaries/collection.parquet`` / ``summaries/documents.parquet`` of the version when listed in its
-        manifest (columns ``doc_id``, ``summary``); None when there is none.
+        Summaries live in their own namespace of the store (:mod:`memorag_core.store.summaries`; its live pointer
+        is re-read at most every ``refresh_s``). Current means computed over the same units: the collection
+        summary over exactly the view's unit set, a document's summary over the document's units in the view (a
+        document alone in one unit is summarized by that unit's summary). Unit ids are content hashes, so a
+        collection version that only re-publishes the same units keeps its summaries; any change to the units
+        makes them stale until the next summarize run.
         """
-        rel = "summaries/documents.parquet" if request.doc_id else "summaries/collection.parquet"
-        if rel not in view.manifest.files:
+        stored = self._stored_summaries(view.name)
+        if stored is None:
             return None
-        import io
-
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(view.reader.read_bytes(rel)))
         if request.doc_id:
-            if "doc_id" not in table.column_names:
+            try:
+                doc_units = view.units_of_doc(request.doc_id)
+            except Exception:  # noqa: BLE001 - unknown document: the live path raises the right error
                 return None
-            for doc, text in zip(table.column("doc_id").to_pylist(), table.column("summary").to_pylist()):
-                if doc == request.doc_id:
-                    return text
-            return None
-        texts = table.column("summary").to_pylist() if "summary" in table.column_names else []
-        return texts[0] if texts else None
+            return stored.document_summary(request.doc_id, doc_units, view.unit_docs)
+        return stored.collection_summary(view.units)
+
+    def _stored_summaries(self, name: str):
+        """The live summaries version of ``name`` (cached; the pointer is re-read at most every ``refresh_s``)."""
+        from memorag_core.store.summaries import SummaryStore
+
+        now = time.monotonic()
+        cached = self._summaries_cache.get(name)
+        if cached is not None and now - cached[2] < self.catalog.refresh_s:
+            return cached[1]
+        if self._summary_store is None:
+            self._summary_store = SummaryStore(self.catalog.store)
+        try:
+            version = self._summary_store.current_version(name)
+            if cached is not None and cached[0] == version:
+                stored = cached[1]
+            else:
+                stored = self._summary_store.open(name, version) if version else None
+        except Exception as exc:  # noqa: BLE001 - stored summaries are an optimization: summarize live instead
+            logger.warning("cannot read stored summaries of %s: %s", name, exc)
+            version, stored = None, None
+        self._summaries_cache[name] = (version, stored, now)
+        return stored
 
     def _plan(self, name: str, request: QueryRequest, version: str | None):
         request.validate(self.limits)

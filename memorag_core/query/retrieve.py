@@ -114,12 +114,14 @@ class EvidenceRetriever:
         return picked
 
     def retrieve(self, name: str, version: str, query: str | None, clues: list[UnitClues], top_k: int, *,
-                 doc_id: str | None = None, extra: list[tuple[str, str]] | None = None
-                 ) -> tuple[list[Evidence], list[tuple[str, str]]]:
+                 doc_id: str | None = None, unit_ids: list[str] | None = None,
+                 extra: list[tuple[str, str]] | None = None) -> tuple[list[Evidence], list[tuple[str, str]]]:
         """The ``top_k`` fused passages for the question and the clues, and the (source, query) list used.
 
-        ``doc_id`` restricts the evidence to one document (the summarize task). ``extra``: more (source, text)
-        queries, e.g. a conversation's ``session`` and ``user`` queries (:mod:`memorag_core.query.sessions`).
+        ``doc_id`` restricts the evidence to one document (the summarize task); ``unit_ids`` to the passages of
+        those units (the bulk summarization's unit summaries, which must depend on their own unit only).
+        ``extra``: more (source, text) queries, e.g. a conversation's ``session`` and ``user`` queries
+        (:mod:`memorag_core.query.sessions`).
         """
         view = self.catalog.view(name, version)
         queries = clue_queries(query, clues) + [(s, q) for s, q in (extra or []) if q and q.strip()]
@@ -137,6 +139,12 @@ class EvidenceRetriever:
         allowed = set(view.rows_of_doc(doc_id).tolist()) if doc_id else None
         if doc_id and not allowed:
             raise InvalidInputError(f"collection {name!r} version {version} has no document {doc_id!r}")
+        if unit_ids is not None:
+            in_units = set(view.rows_of_units(list(unit_ids)).tolist())
+            allowed = in_units if allowed is None else allowed & in_units
+            if not allowed:
+                raise InvalidInputError(f"collection {name!r} version {version} has no passages in units "
+                                        f"{list(unit_ids)}" + (f" of document {doc_id!r}" if doc_id else ""))
         scores, rows = view.search(vecs, depth * (4 if allowed else 1))  # (nq', k), (nq', k)
         rankings = []
         for (source, q), s_row, r_row in zip(queries, scores, rows):
