@@ -61,3 +61,7 @@ class GeneratorEndpointError(MemoRAGError, RuntimeError):
         self.endpoint = endpoint
         self.status = status
         self.attempts = attempts
+
+
+class PayloadTooLargeError(InvalidInputError):
+    """An input is over a size limit (a chat history, a body): HTTP 413 rather than 422."""

@@ -20,6 +20,11 @@ retrieves, no memory is read), ``summarize`` (key points from the memories of on
 ``units`` units spread over the collection, drive retrieval; the generator writes the summary). A summary that the
 bulk summarization job stored for the version is returned as is when the request allows it (see
 :meth:`QueryEngine.stored_summary`).
+
+Conversations: a request with ``session_id`` / ``user_id`` first reads those memories
+(:class:`~.sessions.Conversations`, on :attr:`QueryEngine.conversations`): the standalone question they write drives
+routing and clues, their recalls join retrieval (sources ``session`` and ``user``), and the turn is appended to
+the session memory after the answer.
 """
 
 from __future__ import annotations
@@ -113,11 +118,12 @@ class QueryEngine:
         cache_bytes: loaded unit memories kept per process.
         device: where the memory model and embedder run.
         refresh_s: how often the live pointer of a collection is re-read.
+        session_config: bounds of session and user memories (:class:`~.sessions.SessionConfig`).
     """
 
     def __init__(self, store, storage_options: dict | None = None, *, generator=None,
                  limits: QueryLimits | None = None, fusion: FusionConfig | None = None, cache_bytes: int = 2 << 30,
-                 device: str | None = None, refresh_s: float = 5.0) -> None:
+                 device: str | None = None, refresh_s: float = 5.0, session_config=None) -> None:
         self.catalog = CollectionCatalog(store, storage_options, refresh_s=refresh_s)
         self.clue_writer = ClueWriter(self.catalog, cache_bytes=cache_bytes, device=device)
         self.retriever = EvidenceRetriever(self.catalog, fusion=fusion, device=device or "auto")
@@ -125,6 +131,19 @@ class QueryEngine:
         self._generator_spec = generator
         self._answerer: Answerer | None = None if generator is None else Answerer(generator)
         self.stored_summaries = StoredSummaries(self.catalog)
+        self._session_config = session_config
+        self._conversations = None
+
+    @property
+    def conversations(self):
+        """Session and user memories over this engine's store and memory models (made on first use)."""
+        if self._conversations is None:
+            from memorag_core.query.sessions import Conversations, SessionStore
+
+            self._conversations = Conversations(
+                SessionStore(self.catalog.store, config=self._session_config),
+                lambda name: self.clue_writer.memory_for(self.catalog.view(name)))
+        return self._conversations
 
     # -- stages ----------------------------------------------------------------------------------------------
     def answerer_for(self, view) -> Answerer:
@@ -146,15 +165,18 @@ class QueryEngine:
         view = self.catalog.view(name, version)
         return view, {"open": time.perf_counter() - t0}
 
-    def _gather(self, view, request: QueryRequest, timings: dict) -> tuple[list[RoutedUnit], list[UnitClues],
-                                                                          list, list]:
-        """Route, clues and retrieval for ``request`` on ``view``; fills ``timings``."""
+    def _gather(self, view, request: QueryRequest, timings: dict, session=None
+                ) -> tuple[list[RoutedUnit], list[UnitClues], list, list]:
+        """Route, clues and retrieval for ``request`` on ``view``; fills ``timings``. ``session``: a
+        :class:`~.sessions.SessionContext` whose standalone question routes and writes clues, and whose
+        queries join retrieval."""
         name, version = view.name, view.version
+        question = (session.standalone if session is not None else None) or request.query
         units: list[RoutedUnit] = []
         clues: list[UnitClues] = []
         t = time.perf_counter()
         if request.task == "memorag":
-            units = self.retriever.route(name, version, request.query, request.units)
+            units = self.retriever.route(name, version, question, request.units)
         elif request.task == "summarize":
             ids = view.units_of_doc(request.doc_id) if request.doc_id else view.units
             units = [RoutedUnit(u, 0.0, "document" if request.doc_id else "spread") for u in spread(ids,
@@ -162,15 +184,17 @@ class QueryEngine:
         timings["route"] = time.perf_counter() - t
         t = time.perf_counter()
         if request.task == "memorag":
-            clues = self.clue_writer.clues(name, version, [u.unit_id for u in units], request.query,
+            clues = self.clue_writer.clues(name, version, [u.unit_id for u in units], question,
                                            max_new_tokens=request.clue_max_new_tokens, with_draft=request.use_draft)
         elif request.task == "summarize":
             clues = self.clue_writer.key_points(name, version, [u.unit_id for u in units],
                                                 max_new_tokens=max(request.clue_max_new_tokens, 128))
         timings["clues"] = time.perf_counter() - t
         t = time.perf_counter()
+        extra = {"extra": session.queries()} if session is not None else {}
         evidence, queries = self.retriever.retrieve(name, version, request.query, clues, request.top_k,
-                                                    doc_id=request.doc_id if request.task == "summarize" else None)
+                                                    doc_id=request.doc_id if request.task == "summarize" else None,
+                                                    **extra)
         timings["retrieve"] = time.perf_counter() - t
         return units, clues, evidence, queries
 
@@ -182,22 +206,34 @@ class QueryEngine:
         return texts
 
     # -- calls -----------------------------------------------------------------------------------------------
-    def query(self, name: str, request: QueryRequest, version: str | None = None) -> QueryResult:
-        """Answer ``request`` over collection ``name`` (``version`` None = the live one).
+    def query(self, name: str, request: QueryRequest, version: str | None = None, *,
+              owner: str | None = None) -> QueryResult:
+        """Answer ``request`` over collection ``name`` (``version`` None = the live one). ``owner``: the
+        :func:`~.sessions.owner_of` the caller's key, which sessions and user memories belong to (None: the
+        collection's anonymous owner).
 
         Raises:
             InvalidInputError: a request field out of bounds (named), an unknown task or document.
-            ArtifactNotFoundError: no such collection or version. CorruptArtifactError: damaged artifacts.
+            ArtifactNotFoundError: no such collection or version, or session. CorruptArtifactError: damaged artifacts.
         """
-        for event in self.stream(name, request, version):
+        for event in self.stream(name, request, version, owner=owner):
             if event.kind == "final":
                 return event.result
         raise RuntimeError("stream ended without a final event")  # pragma: no cover - stream always ends so
 
-    def stream(self, name: str, request: QueryRequest, version: str | None = None) -> Iterator[StreamEvent]:
+    def stream(self, name: str, request: QueryRequest, version: str | None = None, *,
+               owner: str | None = None) -> Iterator[StreamEvent]:
         """Like :meth:`query`, yielding the answer in pieces (``token`` events) and then a ``final`` event."""
         t_start = time.perf_counter()
         view, timings = self._plan(name, request, version)
+        session = None
+        if request.session_id is not None or request.user_id is not None:
+            from memorag_core.query.sessions import owner_of
+
+            owner = owner or owner_of(None, name)
+            session = self.conversations.prepare(name, owner, request.query, session_id=request.session_id,
+                                                 user_id=request.user_id)
+            timings["session"] = session.seconds
         if request.task == "summarize":
             stored = self.stored_summary(view, request)
             if stored is not None:
@@ -206,18 +242,26 @@ class QueryEngine:
                 yield StreamEvent("final", result=QueryResult(stored, name, view.version, request.task,
                                                               timings=timings))
                 return
-        units, clues, evidence, queries = self._gather(view, request, timings)
+        units, clues, evidence, queries = self._gather(view, request, timings, session)
         answerer = self.answerer_for(view)
         t = time.perf_counter()
         pieces = []
-        for piece in answerer.stream(request.task, request.query, self._evidence_texts(request, clues, evidence),
+        question = (session.standalone if session is not None else None) or request.query
+        for piece in answerer.stream(request.task, question, self._evidence_texts(request, clues, evidence),
                                      max_new_tokens=request.max_new_tokens):
             pieces.append(piece)
             yield StreamEvent("token", piece)
         timings["generate"] = time.perf_counter() - t
+        answer = "".join(pieces).strip()
+        if request.session_id is not None:
+            t = time.perf_counter()
+            self.conversations.record(name, owner, request.session_id, request.query, answer,
+                                      [e.doc_id for e in evidence], session.standalone)
+            timings["session"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
-        result = QueryResult("".join(pieces).strip(), name, view.version, request.task, units=units, clues=clues,
-                             evidence=evidence, timings=timings, retrieval_queries=queries)
+        result = QueryResult(answer, name, view.version, request.task, units=units, clues=clues,
+                             evidence=evidence, timings=timings, retrieval_queries=queries,
+                             session=session.to_dict() if session is not None else None)
         logger.info("query %s/%s %s: %d units, %d passages, %.2f s", name, view.version, request.task, len(units),
                     len(evidence), timings["total"])
         yield StreamEvent("final", result=result)

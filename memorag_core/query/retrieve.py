@@ -114,15 +114,17 @@ class EvidenceRetriever:
         return picked
 
     def retrieve(self, name: str, version: str, query: str | None, clues: list[UnitClues], top_k: int, *,
-                 doc_id: str | None = None, unit_ids: list[str] | None = None
-                 ) -> tuple[list[Evidence], list[tuple[str, str]]]:
+                 doc_id: str | None = None, unit_ids: list[str] | None = None,
+                 extra: list[tuple[str, str]] | None = None) -> tuple[list[Evidence], list[tuple[str, str]]]:
         """The ``top_k`` fused passages for the question and the clues, and the (source, query) list used.
 
         ``doc_id`` restricts the evidence to one document (the summarize task); ``unit_ids`` to the passages of
         those units (the bulk summarization's unit summaries, which must depend on their own unit only).
+        ``extra``: more (source, text) queries, e.g. a conversation's ``session`` and ``user`` queries
+        (:mod:`memorag_core.query.sessions`).
         """
         view = self.catalog.view(name, version)
-        queries = clue_queries(query, clues)
+        queries = clue_queries(query, clues) + [(s, q) for s, q in (extra or []) if q and q.strip()]
         if not queries:
             raise InvalidInputError("nothing to retrieve with: no question and no clues")
         vecs = self.embed(view, [q for _, q in queries])  # (nq, dim)

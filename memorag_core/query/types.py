@@ -54,6 +54,9 @@ class QueryRequest:
         clue_max_new_tokens: most tokens per clue generation.
         doc_id: summarize: the document to summarize (None = the collection).
         use_draft: memorag: also ask each memory for a draft answer (a retrieval query, and a line of evidence).
+        session_id: a conversation session (see :mod:`memorag_core.query.sessions`): its memory rewrites the
+            question and adds ``session`` retrieval queries; the turn is recorded after the answer.
+        user_id: a user whose lifelong memory adds ``user`` retrieval queries.
     """
 
     query: str | None = None
@@ -64,6 +67,8 @@ class QueryRequest:
     clue_max_new_tokens: int = 128
     doc_id: str | None = None
     use_draft: bool = False
+    session_id: str | None = None
+    user_id: str | None = None
 
     def validate(self, limits: QueryLimits = QueryLimits()) -> "QueryRequest":
         """Check every field against ``limits``; returns self. Raises InvalidInputError naming the field."""
@@ -85,6 +90,15 @@ class QueryRequest:
             raise InvalidInputError("doc_id must be a non-empty string")
         if not isinstance(self.use_draft, bool):
             raise InvalidInputError("use_draft must be a boolean")
+        if self.session_id is not None or self.user_id is not None:
+            from memorag_core.query.sessions import check_session_id, check_user_id
+
+            if self.task == "summarize":
+                raise InvalidInputError("session_id and user_id apply to questions, not to task 'summarize'")
+            if self.session_id is not None:
+                check_session_id(self.session_id)
+            if self.user_id is not None:
+                check_user_id(self.user_id)
         return self
 
 
@@ -155,6 +169,7 @@ class QueryResult:
         task: the task. units: the routed units. clues: per unit. evidence: the passages the generator read.
         timings: seconds per stage (``route``, ``clues``, ``retrieve``, ``generate``, ``total``).
         retrieval_queries: the queries sent to the retriever, with their sources.
+        session: what the session / user memories contributed (``SessionContext.to_dict()``), else None.
     """
 
     answer: str
@@ -166,6 +181,7 @@ class QueryResult:
     evidence: list[Evidence] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     retrieval_queries: list[tuple[str, str]] = field(default_factory=list)
+    session: dict | None = None
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

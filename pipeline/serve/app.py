@@ -158,15 +158,37 @@ class Ingress:
             return version
         return await asyncio.to_thread(self.catalog.live_version, name)
 
-    async def answer(self, name: str, request: QueryRequest, version: str | None = None, *, stream: bool = False
-                     ) -> AsyncIterator[StreamEvent]:
-        """Answer ``request`` over ``name``: ``token`` events (only when ``stream``), then a ``final`` event."""
+    def owner(self, name: str, authorization: str | None) -> str:
+        """Whose sessions and user memories a request reads: its key's hash (the collection's without auth)."""
+        from memorag_core.query.sessions import owner_of
+
+        return owner_of(bearer(authorization) if self.config.auth else None, name)
+
+    async def answer(self, name: str, request: QueryRequest, version: str | None = None, *, stream: bool = False,
+                     owner: str | None = None) -> AsyncIterator[StreamEvent]:
+        """Answer ``request`` over ``name``: ``token`` events (only when ``stream``), then a ``final`` event.
+
+        With ``session_id`` / ``user_id``, the memory worker first reads those memories (``owner``'s): their
+        standalone question routes, writes clues and is what the generator answers; their recalls join retrieval;
+        the turn is recorded after the answer.
+        """
+        import dataclasses
+
         from memorag_core.query.engine import QueryEngine
+        from memorag_core.query.sessions import owner_of
 
         request.validate(self.limits)
         t_start = time.perf_counter()
         version = await self.resolve_version(name, version)
         timings: dict[str, float] = {}
+        session = None
+        owner = owner or owner_of(None, name)
+        if request.session_id is not None or request.user_id is not None:
+            t = time.perf_counter()
+            session = await self.memory.session_prepare.remote(name, owner, request.query, request.session_id,
+                                                               request.user_id)
+            timings["session"] = time.perf_counter() - t
+        asked = dataclasses.replace(request, query=session.standalone) if session and session.standalone else request
         if request.task == "summarize":
             stored = await self.retriever.stored_summary.remote(name, version, request)
             if stored is not None:
@@ -176,13 +198,13 @@ class Ingress:
                 yield StreamEvent("final", result=QueryResult(stored, name, version, request.task, timings=timings))
                 return
         t = time.perf_counter()
-        units = await self.retriever.units.remote(name, version, request)
+        units = await self.retriever.units.remote(name, version, asked)
         timings["route"] = time.perf_counter() - t
         t = time.perf_counter()
         ids = [u.unit_id for u in units]
         clues = []
         if request.task == "memorag":
-            clues = await self.memory.clues.remote(name, version, ids, request.query, request.clue_max_new_tokens,
+            clues = await self.memory.clues.remote(name, version, ids, asked.query, request.clue_max_new_tokens,
                                                    request.use_draft)
         elif request.task == "summarize":
             clues = await self.memory.key_points.remote(name, version, ids, max(request.clue_max_new_tokens, 128))
@@ -190,31 +212,38 @@ class Ingress:
         t = time.perf_counter()
         evidence, queries = await self.retriever.retrieve.remote(
             name, version, request.query, clues, request.top_k,
-            request.doc_id if request.task == "summarize" else None)
+            request.doc_id if request.task == "summarize" else None, session.queries() if session else None)
         timings["retrieve"] = time.perf_counter() - t
         texts = QueryEngine._evidence_texts(request, clues, evidence)
         t = time.perf_counter()
         if stream:
             pieces = []
-            gen = self.generator.options(stream=True).stream.remote(request.task, request.query, texts,
+            gen = self.generator.options(stream=True).stream.remote(request.task, asked.query, texts,
                                                                    request.max_new_tokens)
             async for piece in gen:
                 pieces.append(piece)
                 yield StreamEvent("token", piece)
             answer = "".join(pieces).strip()
         else:
-            answer = await self.generator.generate.remote(request.task, request.query, texts,
+            answer = await self.generator.generate.remote(request.task, asked.query, texts,
                                                           request.max_new_tokens)
         timings["generate"] = time.perf_counter() - t
+        if request.session_id is not None:
+            t = time.perf_counter()
+            await self.memory.session_record.remote(name, owner, request.session_id, request.query, answer,
+                                                    [e.doc_id for e in evidence], session.standalone)
+            timings["session"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         self.metrics.stages(timings)
         yield StreamEvent("final", result=QueryResult(answer, name, version, request.task, units=units,
                                                       clues=clues, evidence=evidence, timings=timings,
-                                                      retrieval_queries=queries))
+                                                      retrieval_queries=queries,
+                                                      session=session.to_dict() if session else None))
 
-    async def query(self, name: str, request: QueryRequest, version: str | None = None) -> QueryResult:
+    async def query(self, name: str, request: QueryRequest, version: str | None = None, *,
+                    owner: str | None = None) -> QueryResult:
         """The whole answer (see :meth:`answer`)."""
-        async for event in self.answer(name, request, version):
+        async for event in self.answer(name, request, version, owner=owner):
             if event.kind == "final":
                 return event.result
         raise RuntimeError("answer ended without a final event")  # pragma: no cover

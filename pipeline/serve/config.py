@@ -139,6 +139,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class SessionsConfig(_Strict):
+    """Conversation sessions and user memories (see memorag_core/query/sessions.py)."""
+
+    ttl_s: float = Field(24 * 3600.0, gt=0, description="a session expires this long after its last turn (s)")
+    max_turns: int = Field(8, ge=1, description="turns a session memory keeps; older ones are folded away")
+    max_bytes: int = Field(64 << 20, ge=1, description="K/V bytes a session memory may hold")
+    user_every: int = Field(4, ge=1, description="a user memory grows every this many session turns (and when "
+                                                 "a session ends)")
+    max_history_messages: int = Field(64, ge=1, description="most messages of a chat history (413 beyond)")
+    max_history_chars: int = Field(32_000, ge=1, description="most characters of a chat history (413 beyond)")
+    standalone_tokens: int = Field(40, ge=1, description="most tokens of the standalone question")
+    recall_tokens: int = Field(48, ge=1, description="most tokens of the session / user recalls")
+
+    def session_config(self):
+        from memorag_core.query.sessions import SessionConfig
+
+        return SessionConfig(ttl_s=self.ttl_s, max_turns=self.max_turns, max_bytes=self.max_bytes,
+                             user_every=self.user_every, max_history_messages=self.max_history_messages,
+                             max_history_chars=self.max_history_chars, standalone_tokens=self.standalone_tokens,
+                             recall_tokens=self.recall_tokens)
+
+
 class ServeAppConfig(_Strict):
     """Everything the memorag Serve application needs (the ``args`` of ``pipeline.serve.app:build_app``)."""
 
@@ -157,6 +179,7 @@ class ServeAppConfig(_Strict):
     memory: MemoryWorkerConfig = Field(default_factory=MemoryWorkerConfig)
     retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig)
     default_task: Literal["memorag", "qa", "summarize"] = Field(
         "memorag", description="task of OpenAI-compatible chat requests that do not name one")
 

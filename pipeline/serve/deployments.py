@@ -32,6 +32,7 @@ from ray import serve
 
 from memorag_core.query.types import QueryRequest, RoutedUnit, UnitClues
 from pipeline.serve.config import GeneratorConfig, MemoryWorkerConfig, RetrieverConfig, ServeAppConfig
+from pipeline.serve.sessions import SessionWorker
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class _CatalogOwner:
 
 
 @serve.deployment(name="MemoryWorker")
-class MemoryWorker(_CatalogOwner):
-    """Writes clues from unit memories, batching concurrent requests (``@serve.batch``).
+class MemoryWorker(SessionWorker, _CatalogOwner):
+    """Writes clues from unit memories, batching concurrent requests (``@serve.batch``); reads and grows
+    conversation memories (``session_*``, see :mod:`pipeline.serve.sessions`).
 
     Memory models and a byte-bounded LRU of unit memories stay loaded in the replica.
     """
@@ -79,6 +81,7 @@ class MemoryWorker(_CatalogOwner):
         cfg: MemoryWorkerConfig = app.memory
         self._open_catalog(app)
         self.writer = ClueWriter(self.catalog, cache_bytes=cfg.cache_bytes, device=cfg.device)
+        self.session_config = app.sessions.session_config()
         self._clue_batch.set_max_batch_size(cfg.max_batch_size)
         self._clue_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         from ray.serve.metrics import Counter, Histogram
@@ -163,9 +166,10 @@ class Retriever(_CatalogOwner):
         return await asyncio.to_thread(self._units, name, version, request)
 
     async def retrieve(self, name: str, version: str, query: str | None, clues: list[UnitClues], top_k: int,
-                       doc_id: str | None = None):
-        """``(evidence, retrieval queries)`` for the question and the clues."""
-        return await asyncio.to_thread(self.retriever.retrieve, name, version, query, clues, top_k, doc_id=doc_id)
+                       doc_id: str | None = None, extra: list[tuple[str, str]] | None = None):
+        """``(evidence, retrieval queries)`` for the question, the clues and ``extra`` (session, user) queries."""
+        return await asyncio.to_thread(self.retriever.retrieve, name, version, query, clues, top_k, doc_id=doc_id,
+                                       extra=extra)
 
     async def stored_summary(self, name: str, version: str, request: QueryRequest) -> str | None:
         """A summary the bulk job stored for this version (see :meth:`QueryEngine.stored_summary`), or None."""

@@ -37,6 +37,7 @@ from memorag_core.errors import (
     ArtifactNotFoundError,
     InvalidInputError,
     MemoRAGError,
+    PayloadTooLargeError,
     StoreAccessError,
     StoreUnavailableError,
 )
@@ -44,7 +45,8 @@ from memorag_core.errors import (
 logger = logging.getLogger("memorag.serve")
 
 REQUEST_FIELDS = ("query", "task", "max_new_tokens", "units", "top_k", "clue_max_new_tokens", "doc_id",
-                  "use_draft", "stream", "version", "messages", "model", "max_tokens", "collection")
+                  "use_draft", "stream", "version", "messages", "model", "max_tokens", "collection", "session_id",
+                  "user_id")
 
 
 class ApiError(Exception):
@@ -97,6 +99,8 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     inner = _unwrap(exc)
+    if isinstance(inner, PayloadTooLargeError):
+        return ApiError(413, str(inner).split("\n")[0], param="messages")
     if isinstance(inner, InvalidInputError):
         msg = str(inner).split("\n")[0]
         return ApiError(400, msg, param=field_of(msg))

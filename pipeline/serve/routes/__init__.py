@@ -5,7 +5,9 @@ mounts; a new area (sessions, a web page) adds its router here. Routes reach the
 from pipeline.serve.routes.native import router as native_router
 from pipeline.serve.routes.openai_compat import router as openai_router
 from pipeline.serve.routes.ops import router as ops_router
+from pipeline.serve.routes.sessions import router as sessions_router
+from pipeline.serve.routes.web import router as web_router
 
-ROUTERS = [native_router, openai_router, ops_router]
+ROUTERS = [native_router, openai_router, ops_router, sessions_router, web_router]
 
 __all__ = ["ROUTERS"]

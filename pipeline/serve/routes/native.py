@@ -32,10 +32,14 @@ class QueryBody(BaseModel):
     use_draft: bool = Field(False, description="memorag: also ask each memory for a draft answer")
     stream: bool = Field(False, description="answer as server-sent events: token events, then a final event")
     version: Optional[str] = Field(None, description="a published version id to query (None: the live one)")
+    session_id: Optional[str] = Field(None, description="a conversation session (POST /v1/collections/{name}/"
+                                                        "sessions): earlier turns resolve follow-ups")
+    user_id: Optional[str] = Field(None, description="a user whose lifelong memory joins retrieval")
 
     def request(self, limits) -> QueryRequest:
         """The engine's request; fields left out take their default, capped by the service's ``limits``."""
         return QueryRequest(query=self.query, task=self.task, doc_id=self.doc_id, use_draft=self.use_draft,
+                            session_id=self.session_id, user_id=self.user_id,
                             **defaults(limits, max_new_tokens=self.max_new_tokens, units=self.units,
                                        top_k=self.top_k, clue_max_new_tokens=self.clue_max_new_tokens))
 
@@ -75,6 +79,7 @@ class QueryOut(BaseModel):
     evidence: list[EvidenceOut]
     timings: dict[str, float]
     retrieval_queries: list[dict]
+    session: Optional[dict] = None
 
 
 class CollectionOut(BaseModel):
@@ -100,9 +105,10 @@ async def query_collection(name: str, body: QueryBody, authorization: Optional[s
     """Answer a question over collection ``name`` (its live version unless ``version`` is given)."""
     await ingress.authorize(name, authorization)
     request = body.request(ingress.limits)
+    owner = ingress.owner(name, authorization)
     if not body.stream:
-        return (await ingress.query(name, request, body.version)).to_dict()
-    events = ingress.answer(name, request, body.version, stream=True)
+        return (await ingress.query(name, request, body.version, owner=owner)).to_dict()
+    events = ingress.answer(name, request, body.version, stream=True, owner=owner)
     first = await events.__anext__()  # errors before the first token still get their own status code
 
     async def body_iter():

@@ -1,6 +1,9 @@
 """OpenAI-compatible API: ``POST /v1/chat/completions`` and ``GET /v1/models`` (a model is a collection).
 
-The last ``user`` message is the query; earlier messages are ignored (conversation sessions come later). The task
+The last ``user`` message is the query; the earlier (user, assistant) turns are a conversation: they are appended
+to a session memory kept for this history (only the turns not yet recorded, see
+:meth:`memorag_core.query.sessions.Conversations.sync_history`), which resolves follow-ups; OpenAI's ``user``
+field names the user whose lifelong memory joins retrieval. A history over the service's bounds gets 413. The task
 and the retrieval settings may be passed as extra body fields (``extra_body={"task": "qa", "top_k": 3}`` in the
 ``openai`` client). ``max_completion_tokens`` (or the older ``max_tokens``) bounds the answer. Sampling fields
 (``temperature``, ``top_p``, ...) are accepted and ignored: answers are greedy. The response carries the usual
@@ -46,6 +49,7 @@ class ChatBody(BaseModel):
     units: Optional[int] = Field(None, description="most unit memories that write clues")
     top_k: Optional[int] = Field(None, description="evidence passages handed to the generator")
     clue_max_new_tokens: Optional[int] = Field(None, description="most tokens per clue generation")
+    user: Optional[str] = Field(None, description="the end user: their lifelong memory joins retrieval")
 
 
 def last_user_text(messages: list[ChatMessage]) -> str:
@@ -70,7 +74,29 @@ def _request(body: ChatBody, default_task: str, limits) -> QueryRequest:
 
 def _memorag_extra(result) -> dict:
     d = result.to_dict()
-    return {k: d[k] for k in ("version", "task", "clues", "evidence", "timings")}
+    return {k: d[k] for k in ("version", "task", "clues", "evidence", "timings", "session")}
+
+
+def _text(m: ChatMessage) -> str:
+    if isinstance(m.content, str):
+        return m.content
+    if isinstance(m.content, list):
+        return "\n".join(str(p.get("text", "")) for p in m.content if p.get("type") == "text")
+    return ""
+
+
+async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: str) -> None:
+    """Earlier turns -> the history's session (``request.session_id``); ``user`` -> ``request.user_id``."""
+    from memorag_core.query.sessions import check_user_id
+
+    if body.user is not None:
+        request.user_id = check_user_id(body.user)
+    if not any(m.role == "assistant" for m in body.messages):
+        return
+    messages = [{"role": m.role, "content": _text(m)} for m in body.messages if m.role in ("system", "user",
+                                                                                           "assistant")]
+    sid, _ = await ingress.memory.session_sync.remote(body.model, owner, messages, request.user_id)
+    request.session_id = sid or None
 
 
 @router.post("/chat/completions")
@@ -79,15 +105,17 @@ async def chat_completions(body: ChatBody, authorization: Optional[str] = Header
     """Answer the last user message from collection ``model``."""
     await ingress.authorize(body.model, authorization)
     request = _request(body, ingress.config.default_task, ingress.limits)
+    owner = ingress.owner(body.model, authorization)
+    await _with_history(ingress, body, request, owner)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
-        result = await ingress.query(body.model, request)
+        result = await ingress.query(body.model, request, owner=owner)
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": result.answer},
                              "finish_reason": "stop", "logprobs": None}],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
                 "memorag": _memorag_extra(result)}
-    events = ingress.answer(body.model, request, stream=True)
+    events = ingress.answer(body.model, request, stream=True, owner=owner)
     first = await events.__anext__()
 
     def chunk(delta: dict, finish: str | None = None, extra: dict | None = None) -> bytes:
