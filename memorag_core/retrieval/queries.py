@@ -71,7 +71,9 @@ class PlanConfig:
         fusion: the fusion weights and constant.
     """
 
-    sources: tuple[str, ...] = ("span", "surrogate", "draft", "key_point", "pointer")
+    # pointers are opt-in until measured on a real sample (docs/evaluation.md, session 5): add "pointer" and set
+    # pointer_layers to use them
+    sources: tuple[str, ...] = ("span", "surrogate", "draft", "key_point")
     min_words: int = 3
     restatement_threshold: float = 0.97
     ground_spans: bool = True

@@ -97,8 +97,11 @@ def test_an_ungrounded_span_of_weight_zero_adds_nothing(index):
 
 
 def test_pointers_join_the_fusion_and_labels_are_cleaned(index):
-    fused, _ = fused_evidence("Tell me about a song.", ClueSet(pointers=[(3, 0.9), (1, 0.1)]), embed=index.embed,
-                              search=index.search, top_k=4)
+    clues = ClueSet(pointers=[(3, 0.9), (1, 0.1)])
+    off, _ = fused_evidence("Tell me about a song.", clues, embed=index.embed, search=index.search, top_k=4)
+    assert not any("pointer" in f.sources for f in off)  # opt-in until measured
+    fused, _ = fused_evidence("Tell me about a song.", clues, embed=index.embed, search=index.search, top_k=4,
+                              config=PlanConfig(sources=("span", "pointer")))
     assert any("pointer" in f.sources for f in fused if f.key == 3)
     assert clean_clue("Question: who?") == "who?"
     assert clean_clue("Answer 2: Tulsa") == "Tulsa"
