@@ -141,30 +141,35 @@ class Embedder(ABC):
             raise InvalidInputError(f"batch_size must be a positive int, got {bs!r}")
         if is_query and self.query_instruction:
             texts = [self.query_instruction + t for t in texts]
-        self._check_lengths(texts, is_query)
+        self._check_lengths(texts, refuse=False)
         parts = [self._embed_batch(texts[i : i + bs]) for i in range(0, len(texts), bs)]  # each (b, dim)
         out = l2_normalize(np.concatenate(parts, axis=0))  # (n, dim)
         if out.shape != (len(texts), self.dim):
             raise RuntimeError(f"embedder returned shape {out.shape}, expected {(len(texts), self.dim)}")
         return out
 
-    def _check_lengths(self, texts: list[str], is_query: bool) -> None:
-        """Never cut silently: a passage longer than the model embeds is refused (chunk it with
-        :func:`max_chunk_tokens`); a longer query is embedded cut, with a warning."""
+    def check_fits(self, texts: list[str]) -> None:
+        """Refuse passages longer than the model embeds (InvalidInputError naming the first): an index must not
+        hold chunks whose tail was never embedded (chunk them with :func:`max_chunk_tokens`)."""
+        self._check_lengths(list(texts), refuse=True)
+
+    def _check_lengths(self, texts: list[str], refuse: bool) -> None:
+        """Never cut silently: with ``refuse`` a text longer than the model embeds raises; otherwise (queries,
+        gists) it is embedded cut, with a warning."""
         limit = max_chunk_tokens(self) if self.tokenizer is not None else None
-        if not limit:
-            return
+        if not limit or not texts or not all(isinstance(t, str) for t in texts):
+            return  # nothing to check (bad input is named by the caller's validation)
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, truncation=False,
                                                       verbose=False)["input_ids"]]
         over = [i for i, n in enumerate(lengths) if n > limit]
         if not over:
             return
         i = over[0]
-        if not is_query:
+        if refuse:
             raise InvalidInputError(
                 f"{len(over)} text(s) exceed the {limit} tokens the embedder {self.name or ''} embeds (text {i}: "
                 f"{lengths[i]} tokens); split them first (TokenChunker with chunk_size <= {limit})")
-        logger.warning("%d quer(ies) exceed the embedder's %d tokens (query %d: %d tokens): only the first %d "
+        logger.warning("%d text(s) exceed the embedder's %d tokens (text %d: %d tokens): only the first %d "
                        "tokens are embedded", len(over), limit, i, lengths[i], limit)
 
     @abstractmethod

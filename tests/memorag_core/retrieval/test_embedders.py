@@ -191,7 +191,7 @@ def test_chunk_size_fits_the_embedder_and_longer_passages_are_refused(minilm_emb
         chunk_size_for(minilm_embedder, 512)  # half of each chunk would never be embedded
     long_text = "word " * 300
     with pytest.raises(InvalidInputError, match="exceed the 254 tokens"):
-        minilm_embedder.encode([long_text])
+        minilm_embedder.check_fits([long_text])  # what the retriever calls before indexing passages
     with caplog.at_level("WARNING"):
         assert minilm_embedder.encode([long_text], is_query=True).shape == (1, 384)
-    assert "only the first 254 tokens" in caplog.text
+    assert "only the first 254 tokens" in caplog.text  # a query (or gist) is embedded cut, never silently
