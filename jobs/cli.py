@@ -44,7 +44,7 @@ def read_context(path: Path) -> str:
     return check_text(path.read_bytes(), str(path))
 
 
-def _pipeline(config, embedder: Optional[str], generator: Optional[str], hits: int, chunk_size: int):
+def _pipeline(config, embedder: Optional[str], generator: Optional[str], hits: int, chunk_size: Optional[int]):
     from memorag_core.facade import MemoRAG
 
     pipe = MemoRAG(ret_model_name_or_path=embedder, gen_model_name_or_path=generator, ret_hit=hits,
@@ -67,6 +67,17 @@ def stored_memory_config(bundle_dir: str, **overrides):
     return MemoryConfig.for_kind(**stored)
 
 
+def stored_retrieval(bundle_dir: str, embedder: Optional[str]) -> tuple[Optional[str], Optional[int]]:
+    """The embedder (None = the embedded one) and chunk size a bundle was indexed with; ``embedder`` overrides
+    the name (the facade then refuses a mismatch by name when loading)."""
+    from memorag_core.models import EMBEDDED_EMBEDDER
+    from memorag_core.store.bundle import Bundle
+
+    retrieval = Bundle(bundle_dir).read_manifest().get("retrieval") or {}
+    name = embedder or retrieval.get("embedder")
+    return (None if name in (None, EMBEDDED_EMBEDDER) else name), retrieval.get("chunk_size")
+
+
 @app.command()
 def memorize(
     path: Path = typer.Argument(..., help="a text file, or a folder of .txt files"),
@@ -77,7 +88,8 @@ def memorize(
     ratio: int = typer.Option(4, help="compression ratio (window tokens per kept entry)"),
     window: int = typer.Option(1024, help="tokens per prefill window"),
     positions: str = typer.Option("compact", help="compact | original"),
-    chunk_size: int = typer.Option(512, help="retrieval chunk size in tokens"),
+    chunk_size: Optional[int] = typer.Option(None, help="retrieval chunk size in the embedder's tokens (default: "
+                                             "the embedder's limit; a larger size is refused)"),
     max_chars: Optional[int] = typer.Option(None, help="read only the first N characters (quick trials)"),
     storage_dtype: Optional[str] = typer.Option(None, help="store K/V as int8 or fp8 (default: keep dtype)"),
 ) -> None:
@@ -108,13 +120,14 @@ def ask(
     task: str = typer.Option("memorag", help="qa (bundle: memory only; collection: plain RAG) | memorag (clues + "
                                              "retrieval) | summarize"),
     model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
-    embedder: Optional[str] = typer.Option(None, help="embedder used to memorize (default: embedded)"),
+    embedder: Optional[str] = typer.Option(None, help="embedder (default: the one the bundle records; another "
+                                           "one is refused by name)"),
     generator: Optional[str] = typer.Option(None, help="generator spec: path, hf:ID, vllm:ID, openai:MODEL@URL"),
     kind: Optional[str] = typer.Option(None, help="memory kind (default: from the bundle)"),
     ratio: Optional[int] = typer.Option(None, help="compression ratio (default: from the bundle)"),
     window: Optional[int] = typer.Option(None, help="prefill window (default: from the bundle)"),
     positions: Optional[str] = typer.Option(None, help="compact | original (default: from the bundle)"),
-    hits: int = typer.Option(3, help="retrieved chunks per clue"),
+    hits: int = typer.Option(3, help="chunks handed to the generator (fused over the question and its clues)"),
     max_new_tokens: int = typer.Option(128, help="most tokens in the answer"),
     clue_max_new_tokens: int = typer.Option(64, help="most tokens per clue (spans, surrogate questions, draft)"),
     use_memory_answer: bool = typer.Option(False, help="add the memory's draft answer to the evidence"),
@@ -136,12 +149,13 @@ def ask(
                         show_clues=show_clues, s3_endpoint=s3_endpoint)
         return
     config = stored_memory_config(from_dir, model=model, kind=kind, ratio=ratio, window=window, positions=positions)
-    pipe = _pipeline(config, embedder, generator, hits, 512)
-    pipe.load(from_dir)
+    embedder, chunk_size = stored_retrieval(from_dir, embedder)
+    pipe = _pipeline(config, embedder, generator, hits, chunk_size)
+    pipe.load(from_dir)  # refuses a bundle embedded with another model, by name
     start = time.perf_counter()
     if task == "memorag":
         clues = pipe.clues(question, use_memory_answer=use_memory_answer, max_new_tokens=clue_max_new_tokens)
-        hits_ = pipe.retrieve(clues.retrieval_queries)
+        hits_ = pipe.evidence(question, clues)
         if show_clues:
             typer.echo("clues:")
             for q in clues.retrieval_queries:

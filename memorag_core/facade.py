@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from memorag_core.errors import InvalidInputError, MemoryNotReadyError
 from memorag_core.memory import Memory as MemoryBase
 from memorag_core.memory import MemoryConfig, build_memory, check_text
@@ -46,8 +48,12 @@ class Clues:
         spans: recalled text spans (one per line of the recall output, bullets stripped).
         surrogates: surrogate questions.
         draft_answer: the memory's own answer (only with ``use_memory_answer``).
-        retrieval_queries: the queries sent to the retriever: informative clue lines, the draft answer, the query.
+        retrieval_queries: the queries searched densely: the question first, then the clue lines that survived
+            (restatements of the question dropped, spans found in the corpus pointing at their chunk instead).
         seconds: wall time spent writing the clues.
+        pointers: (chunk id, score) the question's attention over the memory points at, best first (empty when
+            the memory keeps no source offsets).
+        plan: the :class:`~memorag_core.retrieval.queries.Plan` (grounded spans, dropped clues).
     """
 
     spans: list[str]
@@ -55,6 +61,15 @@ class Clues:
     draft_answer: str | None
     retrieval_queries: list[str]
     seconds: float
+    pointers: list[tuple[int, float]] = field(default_factory=list)
+    plan: Any = field(default=None, repr=False)
+
+    def clue_set(self):
+        """The clues as a :class:`~memorag_core.retrieval.queries.ClueSet` (the shared retrieval path's input)."""
+        from memorag_core.retrieval.queries import ClueSet
+
+        return ClueSet(spans=list(self.spans), surrogates=list(self.surrogates), draft=self.draft_answer,
+                       pointers=list(self.pointers))
 
 
 @dataclass
@@ -141,27 +156,32 @@ class MemoRAG:
         gen_model_name_or_path: generator spec (``hf:``/``vllm:``/``openai:`` prefixes or a path); None = the
             memory model itself, unless ``customized_gen_model`` or ``generator`` is given.
         customized_gen_model: any object with ``generate(prompt, max_new_tokens) -> list[str]`` (e.g. ``Agent``).
-        ret_hit: retrieved chunks per retrieval query (upstream default 3).
-        retrieval_chunk_size: tokens per retrieval chunk (default 512).
+        ret_hit: chunks handed to the generator (the fused top ``ret_hit`` over the question and its clues;
+            upstream default 3).
+        retrieval_chunk_size: tokens per retrieval chunk, in the embedder's own tokens; None (default) takes the
+            embedder's limit (all-MiniLM-L6-v2: 254); a larger size is refused (its tail would never be embedded).
         cache_dir, access_token, load_in_4bit, enable_flash_attn: model loading, as upstream.
         beacon_ratio: compression ratio of the memory (upstream's name).
         memory_config: full memory configuration (overrides the memory arguments above).
         generator: a ready :class:`~memorag_core.generators.Generator` (overrides the generator arguments).
         embedder_config, index_config: retrieval configuration (see memorag_core.retrieval).
         clue_max_new_tokens: most tokens per clue (spans, surrogates, draft answer).
+        plan_config: how clues become fused rankings (:class:`~memorag_core.retrieval.queries.PlanConfig`).
     """
 
     def __init__(self, mem_model_name_or_path: str | None = None, ret_model_name_or_path: str | None = None,
                  gen_model_name_or_path: str | None = None, customized_gen_model: Any = None, ret_hit: int = 3,
-                 retrieval_chunk_size: int = 512, cache_dir: str | None = None, access_token: str | None = None,
-                 beacon_ratio: int = 4, load_in_4bit: bool = False, enable_flash_attn: bool = False, *,
-                 memory_config: MemoryConfig | None = None, generator: Any = None, embedder_config: Any = None,
-                 index_config: Any = None, clue_max_new_tokens: int = 128) -> None:
+                 retrieval_chunk_size: int | None = None, cache_dir: str | None = None,
+                 access_token: str | None = None, beacon_ratio: int = 4, load_in_4bit: bool = False,
+                 enable_flash_attn: bool = False, *, memory_config: MemoryConfig | None = None, generator: Any = None,
+                 embedder_config: Any = None, index_config: Any = None, clue_max_new_tokens: int = 128,
+                 plan_config: Any = None) -> None:
         from memorag_core.generators import HFGenerator, load_generator
-        from memorag_core.retrieval import DenseRetriever, EmbedderConfig, IndexConfig, load_embedder
+        from memorag_core.retrieval import DenseRetriever, EmbedderConfig, IndexConfig, chunk_size_for, load_embedder
         from memorag_core.retrieval.chunker import TokenChunker
+        from memorag_core.retrieval.queries import PlanConfig
 
-        if ret_hit < 1 or retrieval_chunk_size < 16:
+        if ret_hit < 1 or (retrieval_chunk_size is not None and retrieval_chunk_size < 16):
             raise InvalidInputError(f"ret_hit must be >= 1 and retrieval_chunk_size >= 16, got {ret_hit}, "
                                     f"{retrieval_chunk_size}")
         options = LoadOptions(cache_dir=cache_dir, access_token=access_token, load_in_4bit=load_in_4bit,
@@ -182,11 +202,23 @@ class MemoRAG:
         self.embedder = load_embedder(embedder_config)
         self.index_config = index_config or IndexConfig()
         self.retriever = DenseRetriever(self.embedder, self.index_config, hits=ret_hit)
-        self.chunker = TokenChunker(self.memory.tokenizer, chunk_size=retrieval_chunk_size)
+        # Chunks are counted in the embedder's own tokens, so that a chunk that fits is embedded whole.
+        emb_tok = getattr(self.embedder, "tokenizer", None)
+        if emb_tok is not None and getattr(emb_tok, "is_fast", False):
+            retrieval_chunk_size = chunk_size_for(self.embedder, retrieval_chunk_size)
+            self.chunker = TokenChunker(emb_tok, chunk_size=retrieval_chunk_size)
+        else:
+            retrieval_chunk_size = retrieval_chunk_size or 512
+            logger.info("the embedder exposes no fast tokenizer: chunks of %d memory-model tokens",
+                        retrieval_chunk_size)
+            self.chunker = TokenChunker(self.memory.tokenizer, chunk_size=retrieval_chunk_size)
         self.ret_hit = ret_hit
         self.retrieval_chunk_size = retrieval_chunk_size
         self.clue_max_new_tokens = clue_max_new_tokens
+        self.plan_config = plan_config or PlanConfig()
         self._manifest: dict | None = None
+        self._chunk_starts: list[int] | None = None  # first memory-tokenizer token of each chunk (pointers)
+        self._grounder: Any = None
 
     # -- building -----------------------------------------------------------------------------------------------
     @property
@@ -203,12 +235,33 @@ class MemoRAG:
     def index_corpus(self, context_or_chunks: str | list[str]) -> int:
         """Chunk (when given one text) and embed into a fresh retrieval index. Returns the number of chunks."""
         if isinstance(context_or_chunks, str):
-            chunks = [c.text for c in self.chunker.split(check_text(context_or_chunks, "context"))]
+            pieces = self.chunker.split(check_text(context_or_chunks, "context"))
+            chunks = [c.text for c in pieces]
+            self._chunk_starts = [c.start for c in pieces]
         else:
             chunks = [check_text(c, "chunk") for c in context_or_chunks]
+            self._chunk_starts = None
         self.retriever.remove_all()
         self.retriever.add(chunks)
+        self._grounder = None
         return len(chunks)
+
+    def _to_memory_tokens(self, text: str, char_starts: list[int] | None) -> list[int] | None:
+        """Chunk starts in characters of ``text`` -> in the memory tokenizer's tokens of ``text`` (pointers map
+        memory entries, which know their source token, to chunks through these)."""
+        if char_starts is None:
+            return None
+        from memorag_core.memory.pointers import token_char_starts
+
+        tok_chars = token_char_starts(self.memory.tokenizer, text)  # (tokens,)
+        return [int(np.searchsorted(tok_chars, c, side="left")) for c in char_starts]
+
+    def set_chunk_starts(self, text: str, char_starts: list[int] | None) -> None:
+        """Where each indexed chunk starts in the memorized ``text`` (characters): enables attention pointers
+        when the chunks were indexed as a list."""
+        if char_starts is not None and len(char_starts) != len(self.retriever.corpus):
+            raise InvalidInputError(f"{len(char_starts)} chunk starts for {len(self.retriever.corpus)} chunks")
+        self._chunk_starts = self._to_memory_tokens(text, char_starts)
 
     def memorize(self, context: str | bytes, save_dir: str | None = None, print_stats: bool = False,
                  storage_dtype: str | None = None, storage_options: dict | None = None) -> MemorizeReport:
@@ -221,6 +274,7 @@ class MemoRAG:
         context = check_text(context, "context")
         stats = self.memory.memorize(context)
         n_chunks = self.index_corpus(context)
+        self._chunk_starts = self._to_memory_tokens(context, self._chunk_starts)
         report = MemorizeReport(memory=stats.to_dict(), chunks=n_chunks, seconds=time.perf_counter() - start)
         if save_dir:
             report.manifest = self.save(save_dir, storage_dtype=storage_dtype, storage_options=storage_options)
@@ -244,7 +298,8 @@ class MemoRAG:
                        "revision": self.memory.model_revision, "stats": self.memory.stats.to_dict(),
                        "config": self.memory.config.to_dict()},
             "retrieval": {"embedder": getattr(self.embedder, "name", None), "chunk_size": self.retrieval_chunk_size,
-                          "chunks": len(self.retriever.corpus), "index": self.index_config.__dict__},
+                          "chunks": len(self.retriever.corpus), "index": self.index_config.__dict__,
+                          "chunk_starts": self._chunk_starts},
         })
         return self._manifest
 
@@ -255,12 +310,20 @@ class MemoRAG:
 
         bundle = Bundle(save_dir, storage_options)
         manifest = bundle.read_manifest()
+        stored = (manifest.get("retrieval") or {}).get("embedder")
+        mine = getattr(self.embedder, "name", None)
+        if stored and mine and stored != mine:
+            raise InvalidInputError(
+                f"bundle {save_dir} was embedded with {stored!r}, but this pipeline's embedder is {mine!r}: its "
+                f"queries would not match the index; load it with ret_model_name_or_path={stored!r}")
         m = bundle.read_memory("memory.safetensors", dtype=self.memory.model.dtype,
                                device=str(self.memory.model.device))
         retriever = DenseRetriever.read_from(bundle, self.embedder, self.index_config, hits=self.ret_hit)
         self.memory.import_tensors(m)
         self.retriever = retriever
         self._manifest = manifest
+        self._chunk_starts = (manifest.get("retrieval") or {}).get("chunk_starts")
+        self._grounder = None
         if print_stats:
             self._print_stats(manifest)
         return manifest
@@ -281,8 +344,11 @@ class MemoRAG:
         if not self.is_ready:
             raise MemoryNotReadyError("nothing is memorized: call memorize(context) or load(save_dir) first")
 
-    def clues(self, query: str, *, use_memory_answer: bool = False, max_new_tokens: int | None = None) -> Clues:
-        """Spans, surrogate questions (and a draft answer) from the memory, decoded as one batch."""
+    def clues(self, query: str, *, use_memory_answer: bool = False, max_new_tokens: int | None = None,
+              pointers: bool | None = None) -> Clues:
+        """Spans, surrogate questions (and a draft answer) from the memory, decoded as one batch, plus the attention
+        pointers (one prefill of the question over the memory; ``pointers=None``: when the plan uses them and
+        the memory keeps source offsets)."""
         self._require_ready()
         query = check_text(query, "query")
         start = time.perf_counter()
@@ -290,11 +356,72 @@ class MemoRAG:
         lang = self.prompts.language
         spans, surrogates = split_clue_lines(out["spans"], lang), split_clue_lines(out["surrogates"], lang)
         draft = out.get("answer") or None
-        queries = dedupe_queries(spans + surrogates + ([draft] if draft else []) + [query])
-        return Clues(spans, surrogates, draft, queries, time.perf_counter() - start)
+        if pointers is None:
+            pointers = "pointer" in self.plan_config.sources
+        pointed = self.pointers(query) if pointers else []
+        clues = Clues(spans, surrogates, draft, [], time.perf_counter() - start, pointed)
+        plan, _ = self._plan(query, clues.clue_set())
+        clues.plan = plan
+        clues.retrieval_queries = [q for _, q in plan.queries]
+        return clues
+
+    def pointers(self, query: str) -> list[tuple[int, float]]:
+        """Chunks the question's attention over the memory points at, (chunk id, score) best first; empty when
+        the memory keeps no source offsets or the chunks' places in the memorized text are unknown."""
+        from memorag_core.memory import pointers as ptr
+
+        offsets = getattr(self.memory, "offsets", None)
+        # a gist memory's entries point into the gists, not into the source text
+        if (not offsets or self._chunk_starts is None or self.memory.kind not in ("compressed_kv", "full_kv")
+                or not hasattr(self.memory, "cache")):
+            return []
+        mass = ptr.question_attention(self.memory, query)  # (L, H, entries)
+        # token t of the memorized text belongs to the last chunk that starts at or before it
+        tok_span = ptr.char_spans_to_tokens(np.arange(self.memory.stats.raw_tokens), self._chunk_starts)
+        total, count = ptr.span_scores(mass, offsets, tok_span, len(self._chunk_starts))
+        cfg = self.plan_config
+        scores = ptr.point(total, count, layers=cfg.pointer_layers, normalize=cfg.pointer_normalize)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return [(i, float(scores[i])) for i in order]
+
+    def _plan(self, query: str | None, clue_set):
+        from memorag_core.retrieval.queries import plan_queries
+
+        return plan_queries(query, clue_set, self.plan_config, embed=self._embed, grounder=self.grounder())
+
+    def _embed(self, texts: list[str]):
+        return self.embedder.encode(list(texts), is_query=True)  # (n, dim)
+
+    def _search(self, vecs, depth: int):
+        return self.retriever.index.search(vecs, min(depth, len(self.retriever.corpus)))  # (n, k), (n, k)
+
+    def grounder(self):
+        """The corpus grounder of recalled spans (built once per indexed corpus)."""
+        from memorag_core.retrieval.queries import CorpusGrounder
+
+        if self._grounder is None and self.plan_config.ground_spans and self.retriever.corpus:
+            self._grounder = CorpusGrounder(self.retriever.corpus)
+        return self._grounder
+
+    def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None) -> list:
+        """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
+        rank (the question's own ranking counts most); list of retrieval ``Hit``, best first. Without clues it is
+        plain dense retrieval of the question. The evaluation and the query engine share this path
+        (:func:`memorag_core.retrieval.queries.fused_evidence`)."""
+        from memorag_core.retrieval import Hit
+        from memorag_core.retrieval.queries import ClueSet, fused_evidence
+
+        if not self.retriever.corpus:
+            raise MemoryNotReadyError("nothing is indexed: call memorize(context), index_corpus or load first")
+        clue_set = clues.clue_set() if clues is not None else ClueSet()
+        fused, _ = fused_evidence(query, clue_set, embed=self._embed, search=self._search,
+                                  top_k=hits or self.ret_hit, config=self.plan_config, grounder=self.grounder())
+        return [Hit(chunk_id=int(f.key), score=f.score, text=self.retriever.corpus[int(f.key)], query=f.query)
+                for f in fused]
 
     def retrieve(self, queries: list[str] | str, hits: int | None = None):
-        """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``)."""
+        """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``); upstream's
+        call. MemoRAG's own answers use :meth:`evidence` (fused, best first)."""
         self._require_ready()
         return self.retriever.search(queries, hits=hits or self.ret_hit)
 
@@ -338,7 +465,7 @@ class MemoRAG:
             return self.memory.answer(query, max_new_tokens)
         if task_type == "memorag":
             clues = self.clues(query, use_memory_answer=use_memory_answer)
-            evidence = [h.text.strip() for h in self.retrieve(clues.retrieval_queries)]
+            evidence = [h.text.strip() for h in self.evidence(query, clues)]
             if clues.draft_answer:
                 evidence.append(f"The answer might be {clues.draft_answer}.")
             return self.answer_from_evidence(query, evidence, prompt_template=prompt_template,
@@ -359,7 +486,7 @@ class MemoRAGLite(MemoRAG):
     """
 
     def __init__(self, gen_model_name_or_path: str | None = None, ret_model_name_or_path: str | None = None,
-                 customized_gen_model: Any = None, ret_hit: int = 3, retrieval_chunk_size: int = 512,
+                 customized_gen_model: Any = None, ret_hit: int = 3, retrieval_chunk_size: int | None = None,
                  cache_dir: str | None = None, access_token: str | None = None, load_in_4bit: bool = False,
                  enable_flash_attn: bool = False, *, gist_chunk_tokens: int = 2048, **kwargs: Any) -> None:
         options = LoadOptions(cache_dir=cache_dir, access_token=access_token, load_in_4bit=load_in_4bit,

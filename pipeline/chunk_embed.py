@@ -83,11 +83,18 @@ class ChunkEmbedStage:
                                                                    "tokenizer", None)
         if tok is None or not getattr(tok, "is_fast", False):
             tok = load_tokenizer(fallback_tokenizer)
-        limit = getattr(getattr(self.embedder, "model", None), "max_seq_length", None)
-        if limit and config.chunk_tokens > limit:
-            logger.warning("chunk_tokens %d exceeds the embedder's max_seq_length %d: chunk ends are truncated "
-                           "when embedded", config.chunk_tokens, limit)
-        self.chunker = TokenChunker(tok, chunk_size=config.chunk_tokens)
+        # A chunk must fit the embedder, or its tail is never embedded: an unset chunk_tokens takes the embedder's
+        # limit (logged), a configured one above it is refused (memorag_core.retrieval.chunk_size_for).
+        from memorag_core.retrieval import chunk_size_for, max_chunk_tokens
+
+        limit = max_chunk_tokens(self.embedder)
+        chunk = config.chunk_tokens
+        if limit and chunk > limit and "chunk_tokens" not in config.model_fields_set:
+            logger.info("chunk_tokens defaults to the embedder's limit: %d tokens", limit)
+            chunk = limit
+        self.chunk_tokens = chunk_size_for(self.embedder, chunk) if tok is getattr(self.embedder, "tokenizer",
+                                                                                   None) else chunk
+        self.chunker = TokenChunker(tok, chunk_size=self.chunk_tokens)
         self.fs, root = sfs.open_url(store_url, storage_options)
         self.sfs = sfs
         self.embed_key = self.key(config, tok, self.embedder)

@@ -7,12 +7,16 @@ Modes (all use the same chunks, embedder, ``hits`` and generator prompt; only th
     (``full_context_max_tokens``); otherwise the example is *skipped* with the reason recorded.
 ``rag``
     Standard RAG: the question alone retrieves ``hits`` chunks.
+``rag_matched``
+    The question alone, with as many chunks as the ``memorag`` mode handed the generator for that question (the
+    equal-budget baseline; runs after ``memorag``).
 ``memorag``
-    MemoRAG: the memory model writes clues (recalled spans and surrogate questions); the facade's retrieval
-    queries (clues plus the question) each retrieve ``hits`` chunks, deduplicated.
+    MemoRAG: the memory model writes clues (recalled spans, surrogate questions) and attention pointers; the
+    facade's path (:meth:`memorag_core.facade.MemoRAG.evidence`: restatements dropped, spans grounded, weighted
+    reciprocal-rank fusion where the question counts most) hands the generator the fused top ``hits`` chunks.
 ``memorag_draft``
-    MemoRAG with the memory's draft answer: as ``memorag`` with ``use_memory_answer=True``; the draft also goes to
-    the generator as the line ``"The answer might be <draft>."``, as upstream MemoRAG does.
+    MemoRAG with the memory's draft answer: as ``memorag`` with the draft as one more (low-weight) query; the draft
+    also goes to the generator as the line ``"The answer might be <draft>."``, as upstream MemoRAG does.
 
 Corpus settings:
 
@@ -54,10 +58,10 @@ from memorag_core.eval.report import load_results, save_results, write_report
 
 logger = logging.getLogger(__name__)
 
-MODES = ("full", "rag", "memorag", "memorag_draft")
+MODES = ("full", "rag", "rag_matched", "memorag", "memorag_draft")
 SETTINGS = ("per_question", "pooled")
 _MEMORY_MODES = ("memorag", "memorag_draft")
-_RETRIEVAL_MODES = ("rag", "memorag", "memorag_draft")
+_RETRIEVAL_MODES = ("rag", "rag_matched", "memorag", "memorag_draft")
 
 
 def _d(text: str) -> dict[str, str]:
@@ -94,9 +98,11 @@ class EvalConfig:
     window: int = field(default=1024, metadata=_d("memory prefill window in tokens"))
     positions: str = field(default="compact", metadata=_d("memory positions: compact or original"))
     hits: int = field(default=3, metadata=_d("chunks retrieved per retrieval query (k of recall@k)"))
-    chunk_size: int = field(default=512, metadata=_d(
-        "retrieval chunk budget in tokens; a passage that fits is never split"))
-    clue_max_new_tokens: int = field(default=64, metadata=_d("most tokens per clue generation (recall, rewrite, draft)"))
+    chunk_size: int | None = field(default=None, metadata=_d(
+        "retrieval chunk budget in the embedder's tokens; None: the embedder's limit (all-MiniLM-L6-v2: 254); a "
+        "passage that fits is never split, and a size above the embedder's limit is refused"))
+    clue_max_new_tokens: int = field(default=128, metadata=_d(
+        "most tokens per clue generation (recall, rewrite, draft)"))
     answer_max_new_tokens: int = field(default=32, metadata=_d("most tokens of a generated answer"))
     full_context_max_tokens: int | None = field(default=None, metadata=_d(
         "longest context (tokens) the full mode sends to the generator; None: the generator model's "
@@ -117,12 +123,12 @@ class EvalConfig:
         bad = [s for s in self.settings if s not in SETTINGS]
         if bad or not self.settings:
             raise InvalidInputError(f"settings must be a non-empty subset of {SETTINGS}, got {self.settings}")
-        for name in ("hits", "chunk_size", "clue_max_new_tokens", "answer_max_new_tokens", "ratio", "pooled_ratio",
+        for name in ("hits", "clue_max_new_tokens", "answer_max_new_tokens", "ratio", "pooled_ratio",
                      "window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("limit", "pooled_examples", "full_context_max_tokens"):
+        for name in ("limit", "pooled_examples", "full_context_max_tokens", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidInputError(f"{name} must be a positive integer or None, got {value!r}")
@@ -133,6 +139,22 @@ class EvalConfig:
         for k in ("output_dir", "limit", "modes", "settings", "overwrite", "device", "pooled_examples"):
             d.pop(k)
         return d
+
+
+def chunk_char_starts(context: str, chunks: list[EvalChunk]) -> list[int]:
+    """Where each chunk's text starts in ``context`` (the joined passages), searched forward in order; a piece of
+    a split passage that carries its title as a prefix is found by its body."""
+    starts, pos = [], 0
+    for ch in chunks:
+        body = ch.text
+        if ch.title and body.startswith(f"{ch.title}: ") and context.find(body, pos) < 0:
+            body = body[len(ch.title) + 2:]
+        at = context.find(body, pos)
+        if at < 0:
+            at = pos  # not found verbatim (whitespace trimmed differently): the previous end
+        starts.append(at)
+        pos = at
+    return starts
 
 
 def _same_field(name: str, a: Any, b: Any) -> bool:
@@ -172,8 +194,19 @@ class EvalRunner:
         self.pipeline = pipeline if pipeline is not None else self._build_pipeline()
         from memorag_core.retrieval.chunker import TokenChunker
 
-        self.chunker = TokenChunker(tokenizer=self._tokenizer(), chunk_size=config.chunk_size)
-        self._chunkers: dict[int, Any] = {config.chunk_size: self.chunker}
+        # chunks are budgeted in the pipeline's chunker tokens (the embedder's own, so that a chunk is embedded
+        # whole); token counts in the report use the memory model's tokenizer
+        self.chunk_size = config.chunk_size or self.pipeline.retrieval_chunk_size
+        self.chunker = self.pipeline.chunker
+        if self.chunk_size != self.chunker.chunk_size:
+            from memorag_core.retrieval import chunk_size_for
+
+            if getattr(self.chunker.tokenizer, "is_fast", False) and self.chunker.tokenizer is getattr(
+                    self.pipeline.embedder, "tokenizer", None):
+                chunk_size_for(self.pipeline.embedder, self.chunk_size)  # refuses a size the embedder would cut
+            self.chunker = TokenChunker(tokenizer=self.chunker.tokenizer, chunk_size=self.chunk_size)
+        self._counter = TokenChunker(tokenizer=self._tokenizer(), chunk_size=max(self.chunk_size, 16))
+        self._chunkers: dict[int, Any] = {self.chunk_size: self.chunker}
         # memories by compression ratio, all sharing the pipeline's loaded memory model
         self._clue_cache: dict[str, tuple[Any, float]] = {}
         self._memories: dict[int, Any] = {self.pipeline.memory.config.ratio: self.pipeline.memory}
@@ -223,12 +256,13 @@ class EvalRunner:
         return int(max_pos) - self.config.answer_max_new_tokens - 256
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` under the chunking tokenizer (without special tokens)."""
-        return self.chunker.count_tokens(text)
+        """Tokens of ``text`` under the memory model's tokenizer (without special tokens): the report's counts."""
+        return self._counter.count_tokens(text)
 
     def make_chunks(self, passages: Iterable[Passage]) -> list[EvalChunk]:
-        """Chunk passages with the configured budget, keeping a fitting passage whole and titles attached."""
-        return chunk_passages(passages, self.count_tokens, self._split, self.config.chunk_size)
+        """Chunk passages with the pipeline's budget (embedder tokens), keeping a fitting passage whole and titles
+        attached."""
+        return chunk_passages(passages, self.chunker.count_tokens, self._split, self.chunk_size)
 
     def _split(self, text: str, budget: int) -> list[str]:
         if budget not in self._chunkers:
@@ -288,6 +322,11 @@ class EvalRunner:
         block["wall_seconds"] = before + time.perf_counter() - start
         save_results(results, self.predictions_path)
 
+    @staticmethod
+    def _ordered(modes: list[str]) -> list[str]:
+        """``rag_matched`` after ``memorag`` (it reads the memory mode's budget)."""
+        return sorted(modes, key=lambda m: m == "rag_matched")
+
     def _todo(self, block: dict[str, Any], ex: EvalExample) -> list[str]:
         return [m for m in self.config.modes if ex.id not in block["predictions"][m]]
 
@@ -301,13 +340,14 @@ class EvalRunner:
             context = ex.context()
             pre: dict[str, float] = {}
             if any(m in _RETRIEVAL_MODES for m in todo):
-                pre["index"] = self._index(chunks)
+                pre["index"] = self._index(chunks, context)
             if any(m in _MEMORY_MODES for m in todo):
                 t = time.perf_counter()
                 self.pipeline.memory.reset()
                 self.pipeline.memory.memorize(context)
                 pre["memorize"] = time.perf_counter() - t
-            for mode in todo:
+            self._block = block
+            for mode in self._ordered(todo):
                 block["predictions"][mode][ex.id] = self._run_mode(mode, ex, chunks, context, pre)
             self._save(results)
             if progress:
@@ -332,11 +372,13 @@ class EvalRunner:
         info.update({"pooled_examples": len(pool_examples), "passages": len(passages), "chunks": len(chunks)})
         if any(m in _RETRIEVAL_MODES for m in c.modes):
             info.update(self._pooled_index(chunks))
+            self.pipeline.set_chunk_starts(context, chunk_char_starts(context, chunks))
         if any(m in _MEMORY_MODES for m in c.modes):
             info.update(self._pooled_memory(context, len(pool_examples)))
         self._save(results)
+        self._block = block
         for i, ex in enumerate(todo_any):
-            for mode in self._todo(block, ex):
+            for mode in self._ordered(self._todo(block, ex)):
                 block["predictions"][mode][ex.id] = self._run_mode(mode, ex, chunks, context, {})
             self._save(results)
             if progress:
@@ -409,9 +451,11 @@ class EvalRunner:
         # on resume only index_load_seconds is added: index_seconds from the first run stays in the info
         return {"index_seconds": round(seconds, 1)}
 
-    def _index(self, chunks: list[EvalChunk]) -> float:
+    def _index(self, chunks: list[EvalChunk], context: str | None = None) -> float:
         t = time.perf_counter()
         self.pipeline.index_corpus([ch.text for ch in chunks])
+        if context is not None:
+            self.pipeline.set_chunk_starts(context, chunk_char_starts(context, chunks))
         return time.perf_counter() - t
 
     # -- one mode on one example --------------------------------------------------------------------------------
@@ -433,24 +477,31 @@ class EvalRunner:
         else:
             if "index" in pre:
                 seconds["index"] = pre["index"]
-            queries = [ex.question]
             draft = None
+            clues = None
             if mode in _MEMORY_MODES:
                 if "memorize" in pre:
                     seconds["memorize"] = pre["memorize"]
                 clues, seconds["clues"] = self._clues(ex, mode)
                 draft = clues.draft_answer if mode == "memorag_draft" else None
-                queries = list(dict.fromkeys([*clues.spans, *clues.surrogates, *([draft] if draft else []),
-                                              ex.question]))
+                if mode == "memorag" and clues.draft_answer is not None:
+                    clues = dataclasses.replace(clues, draft_answer=None)
                 record["clues"] = {"spans": list(clues.spans), "surrogates": list(clues.surrogates),
-                                   "draft_answer": draft}
+                                   "draft_answer": draft, "pointers": [k for k, _ in clues.pointers[:5]]}
                 generated += sum(self.count_tokens(s) for s in [*clues.spans, *clues.surrogates, draft or ""])
-            record["retrieval_queries"] = queries
+            budget = c.hits
+            if mode == "rag_matched":
+                budget = self._matched_budget(ex)
             t = time.perf_counter()
-            # the retriever itself, not pipeline.retrieve: that one refuses to run while the memory is empty,
-            # and the rag and full modes need no memory
-            hits = self.pipeline.retriever.search(queries, hits=c.hits)
+            # the facade's own path (question + clues -> fused top ``budget``); without clues: plain dense retrieval
+            hits = self.pipeline.evidence(ex.question, clues, hits=budget)
             seconds["retrieve"] = time.perf_counter() - t
+            if clues is not None and clues.plan is not None:
+                plan = clues.plan
+                record["retrieval_queries"] = [q for _, q in plan.queries]
+                record["grounded_spans"] = [sp for sp, _ in plan.grounded]
+            else:
+                record["retrieval_queries"] = [ex.question]
             evidence_ids, topk_ids = self._rank_hits(hits, chunks)
             evidence = [chunks[i].text for i in evidence_ids]
             if draft:
@@ -486,8 +537,19 @@ class EvalRunner:
         self._clue_cache = {ex.id: (clues, seconds)}
         return clues, seconds
 
+    def _matched_budget(self, ex: EvalExample) -> int:
+        """How many chunks the ``memorag`` mode handed the generator for ``ex`` (``rag_matched`` reads as many)."""
+        rec = self._block["predictions"].get("memorag", {}).get(ex.id)
+        if rec is None or rec.get("evidence_chunk_ids") is None:
+            raise InvalidInputError("rag_matched needs the memorag mode's record of the same question: run both modes")
+        return max(1, len(rec["evidence_chunk_ids"]))
+
     def _rank_hits(self, hits: list[Any], chunks: list[EvalChunk]) -> tuple[list[int], list[int]]:
-        """Map hits to chunk indices: (all distinct chunks in retrieval order, the top ``hits`` by best score)."""
+        """Map hits to chunk indices: (all distinct chunks in the given order, the top ``hits`` by score).
+
+        ``hits`` come best first with their fused score from :meth:`MemoRAG.evidence` (higher is better); a chunk
+        met twice keeps its best score. A hit is matched by ``chunk_id`` when that index holds the same text, else
+        by text; a hit that is not an evaluation chunk raises InvalidInputError."""
         by_text = {ch.text: i for i, ch in enumerate(chunks)}
         higher = getattr(getattr(self.pipeline.retriever, "index_config", None), "higher_is_better", True)
         best: dict[int, float] = {}

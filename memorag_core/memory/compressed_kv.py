@@ -62,6 +62,11 @@ class CompressedKVMemory(Memory):
         self.entries = 0  # kept entries per layer and KV head
         self.next_position = 0  # rotary position of the next token
         self._warned_range = False
+        # Attention pointers: per layer, the source token offset of every kept entry, (1, kv_heads, entries) int32
+        # (-1 for the uncompressed prompt head). Stored in the memory file as ``extra["offsets.<layer>"]``.
+        self.offsets: list[torch.Tensor] = []
+        self._source_tokens = 0  # text tokens read so far (offset of the next window's first token)
+        self._window_source = -1
 
     def _state_entries(self) -> int:
         return self.entries
@@ -78,7 +83,11 @@ class CompressedKVMemory(Memory):
         starts = range(0, len(token_ids), window)
         bar = tqdm(starts, desc="memorizing", unit="window", disable=is_prefix or not self.show_progress)
         for start in bar:
-            self._read_window(token_ids[start:start + window], compress=not is_prefix and self.config.ratio > 1)
+            self._window_source = -1 if is_prefix else self._source_tokens
+            ids = token_ids[start:start + window]
+            self._read_window(ids, compress=not is_prefix and self.config.ratio > 1)
+            if not is_prefix:
+                self._source_tokens += len(ids)
 
     @torch.no_grad()
     def _read_window(self, ids: list[int], compress: bool) -> None:
@@ -96,12 +105,17 @@ class CompressedKVMemory(Memory):
             keep = math.ceil(w / self.config.ratio)
             for layer_idx, layer in enumerate(self.cache.layers):
                 window_scores = self.score(scores[layer_idx][:, :, mem:], layer_idx)  # (1, kv_heads, w)
-                self._keep_top(layer, mem, window_scores, keep)
+                kept = self._keep_top(layer, mem, window_scores, keep)  # (1, kv_heads, keep) window offsets
+                self._note_offsets(layer_idx, kept)
             self.entries = mem + keep
             self.next_position = self.next_position + (keep if self.config.positions == "compact" else w)
         else:
             self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
                        logits_to_keep=1)
+            heads = self.cache.layers[0].keys.shape[1]
+            every = torch.arange(w, device=device)[None, None].expand(1, heads, w)  # (1, kv_heads, w)
+            for layer_idx in range(len(self.cache.layers)):
+                self._note_offsets(layer_idx, every)
             self.entries = mem + w
             self.next_position += w
 
@@ -116,8 +130,18 @@ class CompressedKVMemory(Memory):
             window_scores = torch.nn.functional.max_pool1d(window_scores, kernel_size=k, stride=1, padding=k // 2)
         return window_scores
 
-    def _keep_top(self, layer: Any, mem: int, window_scores: torch.Tensor, keep: int) -> None:
-        """Replace the layer's window entries by the ``keep`` best per KV head, in their original order."""
+    def _note_offsets(self, layer_idx: int, window_offsets: torch.Tensor) -> None:
+        """Append the source token offsets of a window's kept entries (1, kv_heads, n) to layer ``layer_idx``."""
+        start = self._window_source
+        off = (window_offsets + start if start >= 0 else torch.full_like(window_offsets, -1)).to(torch.int32).cpu()
+        if layer_idx < len(self.offsets):
+            self.offsets[layer_idx] = torch.cat([self.offsets[layer_idx], off], dim=2)  # (1, kv_heads, entries)
+        else:
+            self.offsets.append(off)
+
+    def _keep_top(self, layer: Any, mem: int, window_scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """Replace the layer's window entries by the ``keep`` best per KV head, in their original order; return
+        their window offsets (1, kv_heads, keep)."""
         keys, values = layer.keys, layer.values  # (1, kv_heads, mem + w, d)
         idx = window_scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (1, kv_heads, keep)
         gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])  # (1, kv_heads, keep, d)
@@ -129,6 +153,7 @@ class CompressedKVMemory(Memory):
             kept_k = self._rerotate(kept_k, delta)
         layer.keys = torch.cat([keys[:, :, :mem], kept_k], dim=2)  # (1, kv_heads, mem + keep, d)
         layer.values = torch.cat([values[:, :, :mem], kept_v], dim=2)  # (1, kv_heads, mem + keep, d)
+        return idx
 
     def _rerotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Rotate RoPE keys (1, kv_heads, n, d) by ``delta`` positions (1, kv_heads, n)."""
@@ -171,7 +196,10 @@ class CompressedKVMemory(Memory):
 
         keys = [layer.keys[0] for layer in self.cache.layers]  # each (kv_heads, entries, d)
         values = [layer.values[0] for layer in self.cache.layers]  # each (kv_heads, entries, d)
-        return MemoryTensors(keys=keys, values=values, header=self.header())
+        extra = {}
+        if len(self.offsets) == len(keys) and all(o.shape[2] == self.entries for o in self.offsets):
+            extra = {f"offsets.{i}": o[0] for i, o in enumerate(self.offsets)}  # each (kv_heads, entries) int32
+        return MemoryTensors(keys=keys, values=values, header=self.header(), extra=extra)
 
     def import_tensors(self, m: "MemoryTensors") -> None:
         from transformers import DynamicCache
@@ -196,3 +224,8 @@ class CompressedKVMemory(Memory):
         self.entries = int(m.header["entries"])
         self.next_position = int(m.header["next_position"])
         self._warned_range = False
+        # files written before attention pointers have no offsets: they load, and pointers are unavailable
+        offsets = [m.extra.get(f"offsets.{i}") for i in range(layers)]
+        self.offsets = ([o.to(torch.int32).cpu()[None] for o in offsets]
+                        if all(o is not None and tuple(o.shape) == (kv_heads, self.entries) for o in offsets) else [])
+        self._source_tokens = int(m.header.get("raw_tokens", 0))

@@ -22,7 +22,8 @@ import numpy as np
 
 from memorag_core.errors import InvalidInputError
 from memorag_core.query.types import Evidence, RoutedUnit, UnitClues
-from memorag_core.retrieval.fusion import FusionConfig, Ranking, drop_restatements, fuse
+from memorag_core.retrieval.fusion import FusionConfig, fuse
+from memorag_core.retrieval.queries import ClueSet, PlanConfig, plan_queries, rankings_for
 
 logger = logging.getLogger(__name__)
 
@@ -124,18 +125,17 @@ class EvidenceRetriever:
         (:mod:`memorag_core.query.sessions`).
         """
         view = self.catalog.view(name, version)
-        queries = clue_queries(query, clues) + [(s, q) for s, q in (extra or []) if q and q.strip()]
-        if not queries:
-            raise InvalidInputError("nothing to retrieve with: no question and no clues")
-        vecs = self.embed(view, [q for _, q in queries])  # (nq, dim)
-        if query:
-            keep = [0] + [1 + i for i in drop_restatements(query, [q for _, q in queries[1:]], question_vec=vecs[0],
-                                                           query_vecs=vecs[1:])]
-        else:
-            keep = drop_restatements("", [q for _, q in queries], query_vecs=vecs, question_vec=None)
-        queries = [queries[i] for i in keep]
-        vecs = vecs[keep]  # (nq', dim)
-        depth = max(self.hits_per_query, top_k)
+        clue_set = ClueSet(spans=[s for c in clues for s in c.spans],
+                           surrogates=[s for c in clues for s in c.surrogates],
+                           draft=next((c.draft for c in clues if c.draft), None),
+                           key_points=[s for c in clues for s in c.key_points],
+                           extra=[(s, q) for s, q in (extra or []) if q and q.strip()])
+        # one code path with the facade and the evaluation: clues -> sources -> restatements dropped -> rankings
+        # (spans are not grounded here: a collection's corpus is sharded and too large to hold an n-gram index)
+        plan_config = PlanConfig(depth=max(self.hits_per_query, top_k), ground_spans=False, min_words=0,
+                                 fusion=self.fusion)
+        plan, vecs = plan_queries(query, clue_set, plan_config, embed=lambda texts: self.embed(view, texts))
+        queries = plan.queries
         allowed = set(view.rows_of_doc(doc_id).tolist()) if doc_id else None
         if doc_id and not allowed:
             raise InvalidInputError(f"collection {name!r} version {version} has no document {doc_id!r}")
@@ -145,12 +145,18 @@ class EvidenceRetriever:
             if not allowed:
                 raise InvalidInputError(f"collection {name!r} version {version} has no passages in units "
                                         f"{list(unit_ids)}" + (f" of document {doc_id!r}" if doc_id else ""))
-        scores, rows = view.search(vecs, depth * (4 if allowed else 1))  # (nq', k), (nq', k)
-        rankings = []
-        for (source, q), s_row, r_row in zip(queries, scores, rows):
-            pairs = [(int(r), float(s)) for r, s in zip(r_row.tolist(), s_row.tolist())
-                     if r >= 0 and (allowed is None or r in allowed)][:depth]
-            rankings.append(Ranking(source, q, [r for r, _ in pairs], [s for _, s in pairs]))
+
+        def search(v, k):
+            scores, rows = view.search(v, k * (4 if allowed else 1))  # (nq, k'), (nq, k')
+            if allowed is None:
+                return scores, rows
+            keep = [[(s, r) for s, r in zip(srow, rrow) if r >= 0 and r in allowed][:k]
+                    for srow, rrow in zip(scores.tolist(), rows.tolist())]
+            pad = [row + [(0.0, -1)] * (k - len(row)) for row in keep]
+            return (np.asarray([[s for s, _ in row] for row in pad], dtype=np.float32),
+                    np.asarray([[r for _, r in row] for row in pad], dtype=np.int64))
+
+        rankings = rankings_for(plan, vecs, search, clue_set, plan_config)
         fused = fuse(rankings, self.fusion, limit=top_k)
         if not fused and allowed:  # the document's chunks are not among any query's hits: read its beginning
             fused_rows = sorted(allowed)[:top_k]

@@ -11,8 +11,10 @@ from memorag_core.retrieval.embedders import (
     FlagEmbeddingEmbedder,
     HFEmbedder,
     SentenceTransformerEmbedder,
+    chunk_size_for,
     l2_normalize,
     load_embedder,
+    max_chunk_tokens,
     read_folder_pooling,
 )
 from memorag_core.retrieval.index import IndexConfig, VectorIndex
@@ -26,7 +28,9 @@ __all__ = [
     "FlagEmbeddingEmbedder",
     "HFEmbedder",
     "SentenceTransformerEmbedder",
+    "chunk_size_for",
     "l2_normalize",
+    "max_chunk_tokens",
     "load_embedder",
     "read_folder_pooling",
     "IndexConfig",

@@ -113,6 +113,13 @@ class Embedder(ABC):
     dim: int
     query_instruction: str = ""
     batch_size: int = 32
+    #: the longest input the model embeds, in its own tokens with special tokens (None: unknown); longer input is
+    #: cut by the model, so chunks must fit :func:`max_chunk_tokens`
+    max_tokens: int | None = None
+    #: the model's own tokenizer (None when the backend hides it)
+    tokenizer: Any = None
+    #: the model name as configured (``EMBEDDED_EMBEDDER`` for the default); set by :func:`load_embedder`
+    name: str | None = None
 
     def encode(self, texts: list[str], *, batch_size: int | None = None, is_query: bool = False) -> np.ndarray:
         """Embed texts.
@@ -134,11 +141,36 @@ class Embedder(ABC):
             raise InvalidInputError(f"batch_size must be a positive int, got {bs!r}")
         if is_query and self.query_instruction:
             texts = [self.query_instruction + t for t in texts]
+        self._check_lengths(texts, refuse=False)
         parts = [self._embed_batch(texts[i : i + bs]) for i in range(0, len(texts), bs)]  # each (b, dim)
         out = l2_normalize(np.concatenate(parts, axis=0))  # (n, dim)
         if out.shape != (len(texts), self.dim):
             raise RuntimeError(f"embedder returned shape {out.shape}, expected {(len(texts), self.dim)}")
         return out
+
+    def check_fits(self, texts: list[str]) -> None:
+        """Refuse passages longer than the model embeds (InvalidInputError naming the first): an index must not
+        hold chunks whose tail was never embedded (chunk them with :func:`max_chunk_tokens`)."""
+        self._check_lengths(list(texts), refuse=True)
+
+    def _check_lengths(self, texts: list[str], refuse: bool) -> None:
+        """Never cut silently: with ``refuse`` a text longer than the model embeds raises; otherwise (queries,
+        gists) it is embedded cut, with a warning."""
+        limit = max_chunk_tokens(self) if self.tokenizer is not None else None
+        if not limit or not texts or not all(isinstance(t, str) for t in texts):
+            return  # nothing to check (bad input is named by the caller's validation)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False, truncation=False,
+                                                      verbose=False)["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if not over:
+            return
+        i = over[0]
+        if refuse:
+            raise InvalidInputError(
+                f"{len(over)} text(s) exceed the {limit} tokens the embedder {self.name or ''} embeds (text {i}: "
+                f"{lengths[i]} tokens); split them first (TokenChunker with chunk_size <= {limit})")
+        logger.warning("%d text(s) exceed the embedder's %d tokens (text %d: %d tokens): only the first %d "
+                       "tokens are embedded", len(over), limit, i, lengths[i], limit)
 
     @abstractmethod
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
@@ -180,6 +212,8 @@ class SentenceTransformerEmbedder(Embedder):
             raise ModelNotFoundError(f"cannot load the sentence-transformers model {path!r}: {exc}") from exc
         if self.model.max_seq_length is None or self.model.max_seq_length > max_length:
             self.model.max_seq_length = max_length
+        self.max_tokens = int(self.model.max_seq_length)
+        self.tokenizer = getattr(self.model, "tokenizer", None)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = get_dim()
         if dim is None:
@@ -300,6 +334,7 @@ class HFEmbedder(Embedder):
         if not limit or limit > 1_000_000:
             limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, int(limit))
+        self.max_tokens = self.max_length
         self.query_instruction = query_instruction
         self.batch_size = batch_size
         logger.info("embedder %s: hf backend, pooling %s (%s), dim %d, max_length %d, device %s",
@@ -365,6 +400,8 @@ class FlagEmbeddingEmbedder(Embedder):
             raise ModelNotFoundError(f"cannot load the FlagEmbedding model {path!r}: {exc}") from exc
         self.is_m3 = is_m3
         self.max_length = max_length
+        self.max_tokens = max_length
+        self.tokenizer = getattr(self.model, "tokenizer", None)
         self.query_instruction = query_instruction
         self.batch_size = batch_size
         self.dim = int(self._embed_batch(["dimension probe"]).shape[1])
@@ -375,6 +412,39 @@ class FlagEmbeddingEmbedder(Embedder):
         else:
             out = self.model.encode(texts, batch_size=len(texts), max_length=self.max_length)
         return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)  # (b, dim)
+
+
+def max_chunk_tokens(embedder: Embedder) -> int | None:
+    """The most content tokens (the embedder's own tokenizer, special tokens excluded) that ``embedder`` embeds
+    without cutting: the chunk-size limit of a corpus embedded with it. None when the embedder does not say.
+
+    all-MiniLM-L6-v2: 256 - 2 ([CLS], [SEP]) = 254.
+    """
+    if not embedder.max_tokens:
+        return None
+    tok = embedder.tokenizer
+    special = tok.num_special_tokens_to_add(pair=False) if tok is not None and hasattr(
+        tok, "num_special_tokens_to_add") else 2
+    return int(embedder.max_tokens) - int(special)
+
+
+def chunk_size_for(embedder: Embedder, requested: int | None) -> int:
+    """The chunk size to use with ``embedder``: ``requested``, or the embedder's limit when None.
+
+    Raises:
+        InvalidInputError: ``requested`` exceeds what the embedder embeds (its tail would never be embedded).
+    """
+    limit = max_chunk_tokens(embedder)
+    if requested is None:
+        if limit is None:
+            raise InvalidInputError("the embedder does not declare its input limit: pass a chunk size")
+        return limit
+    if limit is not None and requested > limit:
+        raise InvalidInputError(
+            f"chunk size {requested} exceeds what the embedder {getattr(embedder, 'name', None) or ''} embeds "
+            f"({embedder.max_tokens} tokens, {limit} without special tokens): the rest of each chunk would never be "
+            f"embedded; use a chunk size <= {limit} (or leave it unset to take the embedder's)")
+    return requested
 
 
 def _resolve_model_dir(name: str | None, cache_dir: str | None) -> str:
@@ -420,6 +490,14 @@ def load_embedder(config: EmbedderConfig | str | None = None) -> Embedder:
                     "modules.json present" if has_st else "no modules.json")
     common = dict(device=config.device, max_length=config.max_length, query_instruction=config.query_instruction,
                   batch_size=config.batch_size, cache_dir=config.cache_dir)
+    emb = _build_embedder(config, path, backend, common)
+    from memorag_core.models import EMBEDDED_EMBEDDER
+
+    emb.name = config.model or EMBEDDED_EMBEDDER  # recorded in bundles and manifests; a mismatch is refused by name
+    return emb
+
+
+def _build_embedder(config: EmbedderConfig, path: str, backend: str, common: dict) -> Embedder:
     if backend == "sentence-transformers":
         if not (Path(path) / "modules.json").exists():
             # sentence-transformers would silently build mean pooling for a plain transformers folder.

@@ -84,10 +84,14 @@ class DenseRetriever:
         """Embed and index passages; their chunk ids continue from ``len(self.corpus)``.
 
         Raises:
-            InvalidInputError: not a non-empty list of str, or an untrained IVF index given < nlist passages.
+            InvalidInputError: not a non-empty list of str, a passage longer than the embedder embeds, or an
+                untrained IVF index given < nlist passages.
         """
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
             raise InvalidInputError(f"texts must be a list of str, got {type(texts).__name__}")
+        check = getattr(self.embedder, "check_fits", None)
+        if check is not None and all(isinstance(t, str) for t in texts):
+            check(list(texts))  # a chunk the embedder would cut is refused, never indexed half-embedded
         vectors = self.embedder.encode(list(texts), is_query=False)  # (n, dim); validates the texts
         if not self.index.is_trained:
             logger.info("training the IVF index on the first %d passages", len(texts))

@@ -28,6 +28,13 @@ def test_memorize_then_ask(tiny_lm_dir, shared_data_dir, tmp_path, capsys):
     assert "load it with the same model and config" in capsys.readouterr().err
     assert main(["ask", "Who?", "--from", str(bundle), "--task", "qa", *common, "--max-new-tokens", "3"]) == 0
     assert "answer:" in capsys.readouterr().out
+    # the bundle records its embedder and chunk size (the embedder's limit), and ask uses that embedder
+    assert manifest["retrieval"]["embedder"] == "embedded:all-minilm-l6-v2"
+    assert manifest["retrieval"]["chunk_size"] == 254
+    manifest["retrieval"]["embedder"] = str(tmp_path / "another-embedder")
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["ask", "Who?", "--from", str(bundle), "--max-new-tokens", "3"]) != 0
+    assert "another-embedder" in capsys.readouterr().err
 
 
 def test_memorize_a_folder_and_bad_inputs(tiny_lm_dir, tmp_path, capsys):

@@ -41,7 +41,7 @@ def test_memorize_save_load_round_trip(pipe, tiny_lm_dir, book, tmp_path):
     q = "Who lives at number four, Privet Drive?"
     want = pipe(query=q, max_new_tokens=8)
     clues = pipe.clues(q)
-    assert clues.retrieval_queries[-1] == q
+    assert clues.retrieval_queries[0] == q  # the question first, then the clues that survived
     assert pipe.retrieve(clues.retrieval_queries)  # at least the question's own hits
 
     other = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256),
@@ -145,11 +145,35 @@ def test_end_to_end_with_the_embedded_models_on_hotpotqa(hotpot_item):
     pipe = MemoRAG(ret_hit=2, clue_max_new_tokens=32)  # everything embedded
     pipe.memory.config.window = 512
     pipe.memory.memorize("\n\n".join(paragraphs))
-    pipe.index_corpus(paragraphs)
+    # a paragraph longer than the embedder's 254 tokens is split (the embedder refuses to cut it silently)
+    pipe.index_corpus([c.text for p in paragraphs for c in pipe.chunker.split(p)])
     q = hotpot_item["question"]
     clues = pipe.clues(q)
     hits = pipe.retrieve(clues.retrieval_queries)
+    fused = pipe.evidence(q, clues)  # the fused top ret_hit: the question's best hit is always among them
+    assert len(fused) == 2
+    assert pipe.evidence(q, None, hits=1)[0].chunk_id in {h.chunk_id for h in fused}
     gold = set(hotpot_item["supporting_facts"]["title"])
     assert any(h.text.split(":", 1)[0] in gold for h in hits), [h.text[:40] for h in hits]
     answer = pipe.answer_from_evidence(q, [h.text for h in hits], max_new_tokens=24)
     assert isinstance(answer, str) and answer.strip()
+
+
+def test_chunks_fit_the_embedder_and_a_bundle_refuses_another_embedder(tiny_lm_dir, book, tmp_path):
+    from memorag_core.retrieval import max_chunk_tokens
+
+    pipe = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256), clue_max_new_tokens=4)
+    limit = max_chunk_tokens(pipe.embedder)
+    assert pipe.retrieval_chunk_size == limit == 254  # all-MiniLM-L6-v2 embeds 256 tokens with [CLS] and [SEP]
+    with pytest.raises(InvalidInputError, match="exceeds what the embedder"):
+        MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4), retrieval_chunk_size=512)
+    pipe.memorize(book[:4000], save_dir=str(tmp_path / "b"))
+    assert all(len(pipe.embedder.tokenizer(c, add_special_tokens=False)["input_ids"]) <= limit
+               for c in pipe.retriever.corpus)
+    starts = pipe._chunk_starts  # first memory token of each chunk (after any leading whitespace token)
+    assert len(starts) == len(pipe.retriever.corpus) and starts[0] <= 1 and starts == sorted(set(starts))
+    assert pipe.pointers("Who lives on Privet Drive?")  # the memory keeps source offsets: pointers work
+    other = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256))
+    other.embedder.name = "some/other-embedder"
+    with pytest.raises(InvalidInputError, match="some/other-embedder"):
+        other.load(str(tmp_path / "b"))

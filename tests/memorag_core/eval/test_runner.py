@@ -70,8 +70,8 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     pipeline = _Counting(shared_pipeline)
     runner = EvalRunner(config, pipeline=pipeline)
     results = runner.run(examples)
-    # 2 settings x 4 modes x 2 examples answered; clues decoded once per example and setting (shared)
-    assert pipeline.calls == {"clues": 4, "answer": 16}
+    # 2 settings x 5 modes x 2 examples answered; clues decoded once per example and setting (shared)
+    assert pipeline.calls == {"clues": 4, "answer": 20}
     for setting in ("per_question", "pooled"):
         preds = results["settings"][setting]["predictions"]
         assert set(preds) == set(MODES)
@@ -86,12 +86,19 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
                     continue
                 assert rec["recall_evidence"] == evidence_recall(rec["evidence_titles"], ex.supporting_titles)
                 assert len(rec["evidence_chunk_ids"]) >= 1
-                if mode == "rag":
+                if mode in ("rag", "rag_matched"):
                     assert rec["retrieval_queries"] == [ex.question]
                     assert len(rec["evidence_chunk_ids"]) <= config.hits
                 else:
-                    assert rec["retrieval_queries"][-1] == ex.question
+                    # the facade's path: the question first, the fused top ``hits`` chunks handed over
+                    assert rec["retrieval_queries"][0] == ex.question
+                    assert len(rec["evidence_chunk_ids"]) == config.hits
+                    assert rec["recall_at_k"] == rec["recall_evidence"]
                     assert rec["seconds"]["clues"] > 0
+        # equal budgets: rag_matched reads as many chunks as memorag handed over, by the question alone
+        for ex in examples:
+            assert len(preds["rag_matched"][ex.id]["evidence_chunk_ids"]) == len(
+                preds["memorag"][ex.id]["evidence_chunk_ids"])
         # clues are shared: both memory modes saw the same spans and surrogates
         for ex in examples:
             a, b = preds["memorag"][ex.id]["clues"], preds["memorag_draft"][ex.id]["clues"]
@@ -106,7 +113,7 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     assert "memorize" in first["memorag"][examples[0].id]["seconds"]
     assert "memorize" not in first["rag"][examples[0].id]["seconds"]
     out = tmp_path / "out"
-    assert (out / "results.md").read_text().count("| per_question |") == 4
+    assert (out / "results.md").read_text().count("| per_question |") == 5
     assert (out / "results.png").stat().st_size > 1000
 
     # resume: nothing is recomputed, the file is unchanged apart from timings
@@ -132,7 +139,7 @@ def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeli
     info3 = results3["settings"]["pooled"]["info"]
     assert info3["memory_action"] == "loaded" and info3["memorize_seconds"] > 0 and "load_seconds" in info3
     assert "index_load_seconds" in info3 and info3["index_seconds"] == info["index_seconds"]
-    assert third.calls == {"clues": 2, "answer": 8}
+    assert third.calls == {"clues": 2, "answer": 10}
     pooled_third = results3["settings"]["pooled"]["predictions"]
     for ex in examples:
         assert pooled_third["rag"][ex.id]["evidence_chunk_ids"] == pooled_first["rag"][ex.id]["evidence_chunk_ids"]
@@ -164,5 +171,29 @@ def test_over_long_passages_are_split_and_keep_titles(tmp_path, tiny_lm_dir, sha
     runner = EvalRunner(_config(tmp_path, tiny_lm_dir, chunk_size=32), pipeline=shared_pipeline)
     chunks = runner.make_chunks(examples[0].passages)
     assert len(chunks) > len(examples[0].passages)
-    assert all(runner.count_tokens(c.text) <= 32 for c in chunks)
+    assert all(runner.chunker.count_tokens(c.text) <= 32 for c in chunks)  # the embedder's tokens
     assert all(c.text.startswith(c.title + ": ") for c in chunks)
+
+
+class _Hit:
+    def __init__(self, chunk_id, score, text):
+        self.chunk_id, self.score, self.text = chunk_id, score, text
+
+
+def test_rank_hits_maps_hits_to_chunks_and_takes_the_top_by_score(tmp_path, tiny_lm_dir, shared_pipeline):
+    from memorag_core.eval.datasets import EvalChunk
+
+    runner = EvalRunner(_config(tmp_path, tiny_lm_dir, hits=2), pipeline=shared_pipeline)
+    chunks = [EvalChunk(f"T{i}: text {i}", f"T{i}", i) for i in range(5)]
+    hits = [_Hit(3, 0.9, "T3: text 3"), _Hit(99, 0.5, "T1: text 1"),  # a stale id is matched by its text
+            _Hit(4, 0.7, "T4: text 4"), _Hit(3, 0.95, "T3: text 3")]  # a repeat keeps its best score
+    order, topk = runner._rank_hits(hits, chunks)
+    assert order == [3, 1, 4]
+    assert topk == [3, 4]  # the best two by score, not the first two met
+    with pytest.raises(InvalidInputError, match="not one of the indexed evaluation chunks"):
+        runner._rank_hits([_Hit(7, 0.1, "unknown text")], chunks)
+    with pytest.raises(InvalidInputError, match="rag_matched needs the memorag mode"):
+        runner._block = {"predictions": {"memorag": {}}}
+        from memorag_core.eval.datasets import load_examples
+
+        runner._matched_budget(load_examples(HOTPOT, limit=1)[0])

@@ -180,3 +180,18 @@ def test_backend_and_folder_mismatches_are_explained(tmp_path):
     ]))
     with pytest.raises(InvalidInputError, match=r"\['Dense'\]"):
         HFEmbedder(str(dense), device="cpu")
+
+
+def test_chunk_size_fits_the_embedder_and_longer_passages_are_refused(minilm_embedder, caplog):
+    from memorag_core.retrieval import chunk_size_for, max_chunk_tokens
+
+    assert minilm_embedder.max_tokens == 256 and max_chunk_tokens(minilm_embedder) == 254
+    assert chunk_size_for(minilm_embedder, None) == 254 and chunk_size_for(minilm_embedder, 200) == 200
+    with pytest.raises(InvalidInputError, match="exceeds what the embedder"):
+        chunk_size_for(minilm_embedder, 512)  # half of each chunk would never be embedded
+    long_text = "word " * 300
+    with pytest.raises(InvalidInputError, match="exceed the 254 tokens"):
+        minilm_embedder.check_fits([long_text])  # what the retriever calls before indexing passages
+    with caplog.at_level("WARNING"):
+        assert minilm_embedder.encode([long_text], is_query=True).shape == (1, 384)
+    assert "only the first 254 tokens" in caplog.text  # a query (or gist) is embedded cut, never silently

@@ -1,0 +1,238 @@
+"""From a question and the memory's clues to fused evidence: one code path for the facade, the query engine and
+the evaluation.
+
+    clues -> sources -> drop restatements -> grounding -> rankings -> fuse
+
+* **Sources.** The question, recalled spans, surrogate questions, the draft answer, key points, and attention
+  pointers (chunks the question attends to inside the memory, :mod:`memorag_core.memory.pointers`) are the
+  sources of a :class:`ClueSet`. Labels a small model writes in front of a line (``Question:``, ``Answer:``) are
+  stripped; lines of fewer than ``min_words`` words are dropped.
+* **Restatements.** A clue query that restates the question (same words, or an embedding nearly identical) or an
+  earlier clue is dropped (:func:`memorag_core.retrieval.fusion.drop_restatements`).
+* **Grounding.** A recalled span that matches corpus text (most of its word trigrams occur in one chunk) points
+  at that chunk directly (source ``grounded``); a span that matches nothing is a hallucination or a paraphrase
+  and is searched densely with the weight of ``span`` (which the default keeps low; 0 drops it).
+* **Rankings and fusion.** Every remaining query ranks ``depth`` chunks; the rankings are fused by weighted
+  reciprocal rank (:func:`memorag_core.retrieval.fusion.fuse`), where the question's ranking counts most.
+
+Passage keys are whatever ``search`` returns (row numbers of the index).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from memorag_core.errors import InvalidInputError
+from memorag_core.retrieval.fusion import Fused, FusionConfig, Ranking, drop_restatements, fuse, normalize_query
+
+#: ``search(vectors (n, dim), depth) -> (scores (n, k), keys (n, k))``; key -1 marks an empty slot
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+#: ``embed(texts) -> (n, dim)`` normalized query vectors
+EmbedFn = Callable[[list[str]], np.ndarray]
+
+_LABEL = re.compile(r"^\s*(?:question|answer|span|text|evidence|clue)\s*\d*\s*[:：]\s*", re.IGNORECASE)
+
+
+@dataclass
+class ClueSet:
+    """What the memory wrote for one question (any field may be empty).
+
+    Attributes:
+        spans: recalled text spans. surrogates: surrogate questions. draft: the draft answer.
+        key_points: key points (summaries). pointers: (chunk key, score) pointed at by attention, best first.
+        extra: more (source, text) queries from outside the memory (sessions, user memories).
+    """
+
+    spans: list[str] = field(default_factory=list)
+    surrogates: list[str] = field(default_factory=list)
+    draft: str | None = None
+    key_points: list[str] = field(default_factory=list)
+    pointers: list[tuple[Hashable, float]] = field(default_factory=list)
+    extra: list[tuple[str, str]] = field(default_factory=list)
+    """more (source, text) queries, e.g. a conversation's ``session`` and ``user`` queries; always used."""
+
+
+@dataclass
+class PlanConfig:
+    """How clues become rankings.
+
+    Attributes:
+        sources: the clue sources used (subset of span, surrogate, draft, key_point, pointer); the question always.
+        min_words: a clue line needs more than this many words (English; CJK lines need more characters).
+        restatement_threshold: cosine at or above which a clue restates the question or an earlier clue.
+        ground_spans: look recalled spans up in the corpus (needs a :class:`CorpusGrounder`).
+        ground_min_overlap: share of a span's word trigrams that must occur in a chunk for it to ground there.
+        pointer_depth: pointed chunks used as the pointer ranking.
+        pointer_layers: memory-model layers whose attention points (None: all); see memorag_core.memory.pointers.
+        pointer_normalize: ``mean`` (mass per kept entry), ``sqrt`` or ``sum`` (favours long chunks).
+        depth: chunks per dense ranking before fusion (at least the budget).
+        fusion: the fusion weights and constant.
+    """
+
+    # pointers are opt-in until measured on a real sample (docs/evaluation.md, session 5): add "pointer" and set
+    # pointer_layers to use them
+    sources: tuple[str, ...] = ("span", "surrogate", "draft", "key_point")
+    min_words: int = 3
+    restatement_threshold: float = 0.97
+    ground_spans: bool = True
+    ground_min_overlap: float = 0.5
+    pointer_depth: int = 3
+    pointer_layers: tuple[int, ...] | None = None
+    pointer_normalize: str = "mean"
+    depth: int = 10
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sources if s not in ("span", "surrogate", "draft", "key_point", "pointer")]
+        if bad:
+            raise InvalidInputError(f"unknown clue sources {bad}")
+        if not 0 < self.ground_min_overlap <= 1 or self.depth < 1 or self.pointer_depth < 0:
+            raise InvalidInputError("ground_min_overlap must be in (0, 1], depth >= 1, pointer_depth >= 0")
+
+
+@dataclass
+class Plan:
+    """The queries a question and its clues became, and what was dropped (for reports).
+
+    Attributes:
+        queries: (source, text) searched densely, the question first.
+        grounded: (span, [(chunk key, overlap)]) for spans found in the corpus.
+        dropped: (source, text, reason).
+    """
+
+    queries: list[tuple[str, str]]
+    grounded: list[tuple[str, list[tuple[Hashable, float]]]]
+    dropped: list[tuple[str, str, str]]
+
+
+def clean_clue(text: str) -> str:
+    """A clue line without the label a small model writes before it (``Question: ...``)."""
+    return _LABEL.sub("", text).strip()
+
+
+def _long_enough(text: str, min_words: int) -> bool:
+    if re.search(r"[\u4e00-\u9fff]", text):
+        return len(text) > min_words
+    return len(text.split()) > min_words
+
+
+def _trigrams(text: str) -> list[tuple[str, ...]]:
+    words = normalize_query(text).split()
+    return [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+
+
+class CorpusGrounder:
+    """Finds the chunks that hold a recalled span (word-trigram overlap against an inverted index).
+
+    Args:
+        texts: the chunk texts. keys: their keys (default: positions 0..n-1).
+    """
+
+    def __init__(self, texts: Sequence[str], keys: Sequence[Hashable] | None = None) -> None:
+        self.keys = list(keys) if keys is not None else list(range(len(texts)))
+        if len(self.keys) != len(texts):
+            raise InvalidInputError(f"{len(texts)} chunk texts but {len(self.keys)} keys")
+        self._index: dict[tuple[str, ...], set[int]] = defaultdict(set)
+        for i, t in enumerate(texts):
+            for g in _trigrams(t):
+                self._index[g].add(i)
+
+    def ground(self, span: str, min_overlap: float = 0.5) -> list[tuple[Hashable, float]]:
+        """(chunk key, share of the span's distinct trigrams found in it), best first, those >= ``min_overlap``."""
+        grams = set(_trigrams(span))
+        if not grams:
+            return []
+        hits: dict[int, int] = defaultdict(int)
+        for g in grams:
+            for i in self._index.get(g, ()):
+                hits[i] += 1
+        out = [(self.keys[i], n / len(grams)) for i, n in hits.items() if n / len(grams) >= min_overlap]
+        return sorted(out, key=lambda kv: -kv[1])
+
+
+def plan_queries(question: str | None, clues: ClueSet, config: PlanConfig, *, embed: EmbedFn | None = None,
+                 grounder: CorpusGrounder | None = None) -> tuple[Plan, np.ndarray | None]:
+    """Clues -> sources -> restatements dropped -> spans grounded. Returns the plan and the embeddings of its
+    dense queries ``(len(plan.queries), dim)`` (None without ``embed``)."""
+    cand: list[tuple[str, str]] = []
+    dropped: list[tuple[str, str, str]] = []
+    lists = {"span": clues.spans, "surrogate": clues.surrogates, "key_point": clues.key_points,
+             "draft": [clues.draft] if clues.draft else []}
+    for source in ("span", "surrogate", "draft", "key_point"):
+        if source not in config.sources:
+            continue
+        for raw in lists[source]:
+            text = clean_clue(raw)
+            # a draft answer is often a short name: keep it; clue lines need words to retrieve with
+            if source != "draft" and not _long_enough(text, config.min_words):
+                dropped.append((source, raw, "too short"))
+            elif text:
+                cand.append((source, text))
+    for source, raw in clues.extra:
+        text = clean_clue(raw)
+        if text:
+            cand.append((source, text))
+    queries = [("question", question)] if question else []
+    texts = [q for _, q in queries] + [t for _, t in cand]
+    if not texts:
+        raise InvalidInputError("nothing to retrieve with: no question and no clues")
+    vecs = embed(texts) if embed is not None else None  # (n, dim)
+    qv = vecs[0] if (vecs is not None and question) else None
+    rest = vecs[len(queries):] if vecs is not None else None
+    keep = drop_restatements(question or "", [t for _, t in cand], question_vec=qv, query_vecs=rest,
+                             threshold=config.restatement_threshold)
+    kept_set = set(keep)
+    dropped += [(s, t, "restates the question or an earlier clue") for i, (s, t) in enumerate(cand)
+                if i not in kept_set]
+    grounded: list[tuple[str, list[tuple[Hashable, float]]]] = []
+    rows = list(range(len(queries)))
+    for i in keep:
+        source, text = cand[i]
+        if source == "span" and config.ground_spans and grounder is not None:
+            found = grounder.ground(text, config.ground_min_overlap)
+            if found:
+                grounded.append((text, found))
+                continue
+        queries.append((source, text))
+        rows.append(len(queries) - 1 if vecs is None else len([q for q in (question,) if q]) + i)
+    if vecs is not None:
+        vecs = vecs[rows]  # (len(queries), dim)
+    return Plan(queries, grounded, dropped), vecs
+
+
+def rankings_for(plan: Plan, vecs: np.ndarray, search: SearchFn, clues: ClueSet, config: PlanConfig
+                 ) -> list[Ranking]:
+    """Rankings of the dense queries (``search``), the grounded spans and the attention pointers."""
+    rankings: list[Ranking] = []
+    if plan.queries:
+        scores, keys = search(vecs, config.depth)  # (nq, k), (nq, k)
+        for (source, text), s_row, k_row in zip(plan.queries, scores, keys):
+            pairs = [(k, float(s)) for k, s in zip(list(k_row), list(s_row)) if not (isinstance(k, (int, np.integer))
+                                                                                   and k < 0)]
+            # a span that matched no corpus text is searched as source "span" (ungrounded): its weight decides
+            rankings.append(Ranking(source, text, [k.item() if hasattr(k, "item") else k for k, _ in pairs],
+                                    [s for _, s in pairs]))
+    for text, found in plan.grounded:
+        rankings.append(Ranking("grounded", text, [k for k, _ in found], [s for _, s in found]))
+    if "pointer" in config.sources and clues.pointers and config.pointer_depth:
+        top = clues.pointers[: config.pointer_depth]
+        rankings.append(Ranking("pointer", "(attention pointers)", [k for k, _ in top], [s for _, s in top]))
+    return rankings
+
+
+def fused_evidence(question: str | None, clues: ClueSet, *, embed: EmbedFn, search: SearchFn, top_k: int,
+                   config: PlanConfig | None = None, grounder: CorpusGrounder | None = None
+                   ) -> tuple[list[Fused], Plan]:
+    """The ``top_k`` fused passages for ``question`` and ``clues``, and the plan that produced them."""
+    config = config or PlanConfig()
+    plan, vecs = plan_queries(question, clues, config, embed=embed, grounder=grounder)
+    if vecs is None:
+        raise InvalidInputError("fused_evidence needs an embed function")
+    rankings = rankings_for(plan, vecs, search, clues, PlanConfig(**{**config.__dict__,
+                                                                    "depth": max(config.depth, top_k)}))
+    return fuse(rankings, config.fusion, limit=top_k), plan
