@@ -207,15 +207,25 @@ class GuardMiddleware:
                     429, f"this replica is working on {self.in_flight} requests (limit {self.max_in_flight}); "
                     "retry later", headers={"Retry-After": str(self.retry_after_s)}))
                 return
-            seen = {"n": 0}
+            # The body is read here, bounded, before any route sees it: a body without Content-Length (chunked)
+            # that grows past the limit gets 413 too (raised inside FastAPI's body parsing it would become a 400).
+            chunks, size, more = [], 0, scope.get("method") not in ("GET", "HEAD", "DELETE", "OPTIONS")
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # client went away
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    await self._send_error(send_wrapper, ApiError(
+                        413, f"request body exceeds {self.max_body_bytes} bytes", param="body"))
+                    return
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            buffered = {"message": {"type": "http.request", "body": b"".join(chunks), "more_body": False}}
 
             async def receive_limited():
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen["n"] += len(message.get("body", b""))
-                    if seen["n"] > self.max_body_bytes:
-                        raise ApiError(413, f"request body exceeds {self.max_body_bytes} bytes", param="body")
-                return message
+                message = buffered.pop("message", None)
+                return message if message is not None else await receive()
 
             if limited:
                 self.in_flight += 1

@@ -202,6 +202,21 @@ def test_bad_input_gets_a_4xx_json_error_naming_the_field(served, body, status, 
         assert err["param"] == param, err
 
 
+def test_chunked_body_over_the_limit_gets_413_and_a_small_one_is_answered(served):
+    def chunks(n):  # no Content-Length: httpx sends a generator with Transfer-Encoding: chunked
+        yield b'{"query": "' + b"x" * 10 + b'", "task": "qa", "max_new_tokens": 2, "pad": "'
+        for _ in range(n):
+            yield b"y" * 1000
+        yield b'"}'
+
+    headers = {"content-type": "application/json", **served.h()}
+    url = served.url + "/v1/collections/facts/query"
+    r = httpx.post(url, content=chunks(200), headers=headers, timeout=180)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+    small = b'{"query": "' + QUESTION.encode() + b'", "task": "qa", "max_new_tokens": 2}'
+    r = httpx.post(url, content=iter([small[:10], small[10:]]), headers=headers, timeout=180)
+    assert r.status_code == 200 and r.json()["version"] == served.version, r.text
+
 def test_unknown_and_invalid_collections(served):
     body = {"query": "q", "task": "qa", "max_new_tokens": 2}
     r = post(served, body, path="/v1/collections/bad%20name!/query")
