@@ -183,6 +183,30 @@ class GuardMiddleware:
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
+    async def _read_body(self, scope, receive, send):
+        """The request body, read here with its bound before any route sees it: a body without Content-Length
+        (chunked) that grows past the limit gets 413 too (raised inside FastAPI's body parsing it became a 400).
+        Returns a ``receive`` that replays it, or None when a 413 was sent or the client went away."""
+        chunks, size = [], 0
+        more = scope.get("method") not in ("GET", "HEAD", "DELETE", "OPTIONS")
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # client went away
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                await self._send_error(send, ApiError(413, f"request body exceeds {self.max_body_bytes} bytes",
+                                                      param="body"))
+                return None
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        buffered = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay():
+            return buffered.pop() if buffered else await receive()
+
+        return replay
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -207,30 +231,13 @@ class GuardMiddleware:
                     429, f"this replica is working on {self.in_flight} requests (limit {self.max_in_flight}); "
                     "retry later", headers={"Retry-After": str(self.retry_after_s)}))
                 return
-            # The body is read here, bounded, before any route sees it: a body without Content-Length (chunked)
-            # that grows past the limit gets 413 too (raised inside FastAPI's body parsing it would become a 400).
-            chunks, size, more = [], 0, scope.get("method") not in ("GET", "HEAD", "DELETE", "OPTIONS")
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # client went away
-                size += len(message.get("body", b""))
-                if size > self.max_body_bytes:
-                    await self._send_error(send_wrapper, ApiError(
-                        413, f"request body exceeds {self.max_body_bytes} bytes", param="body"))
-                    return
-                chunks.append(message.get("body", b""))
-                more = message.get("more_body", False)
-            buffered = {"message": {"type": "http.request", "body": b"".join(chunks), "more_body": False}}
-
-            async def receive_limited():
-                message = buffered.pop("message", None)
-                return message if message is not None else await receive()
-
+            # Counted in flight before the first await, so that concurrent arrivals cannot all pass the check.
             if limited:
                 self.in_flight += 1
             try:
-                await self.app(scope, receive_limited, send_wrapper)
+                receive_limited = await self._read_body(scope, receive, send_wrapper)
+                if receive_limited is not None:
+                    await self.app(scope, receive_limited, send_wrapper)
             except ApiError as err:
                 await self._send_error(send_wrapper, err)
             finally:

@@ -88,6 +88,7 @@ def _smoke(tmp_path, capsys, settings):
     return results
 
 
+@pytest.mark.slow  # ~5 min on 2 cores; the runner's mechanics are tested on the tiny model (eval/test_runner.py)
 def test_smoke_two_questions_with_embedded_models(tmp_path, capsys, embedded_lm_dir):
     """The real embedded models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2), 2 questions, every mode, per question.
 

@@ -135,6 +135,7 @@ def hotpot_item(shared_data_dir):
         return json.loads(next(f))
 
 
+@pytest.mark.slow  # ~4 min on 2 cores; the embedded models answer end to end in the Serve and CLI tests too
 def test_end_to_end_with_the_embedded_models_on_hotpotqa(hotpot_item):
     """Real SmolLM2-135M memory + generator and all-MiniLM-L6-v2 retriever on one HotpotQA question.
 
