@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
         model = str(embedded_lm_path())
         out["stage"] = "ray.init"
-        ray.init(num_cpus=max(2, args.cpus + 1), include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=args.cpus + 3, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})

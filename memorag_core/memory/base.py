@@ -211,7 +211,8 @@ class Memory(ABC):
                     f"query is {n} tokens long; the limit is max_query_tokens={self.config.max_query_tokens}")
         tasks = [inst.format(question=query) if query else inst for inst in instructions]
         outs = self._generate([self.task_ids(t) for t in tasks], max_new_tokens, **sampling)
-        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+        # a token budget can end inside a multi-byte character (Chinese text): drop the partial character
+        return [self.tokenizer.decode(o, skip_special_tokens=True).rstrip("\ufffd").strip() for o in outs]
 
     def recall(self, query: str, max_new_tokens: int = 128) -> str:
         """Text spans from the memorized text that help answer ``query`` (one per line)."""

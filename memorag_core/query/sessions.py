@@ -56,6 +56,7 @@ from memorag_core.errors import (
     ArtifactNotFoundError,
     CorruptArtifactError,
     InvalidInputError,
+    MemoryNotReadyError,
     PayloadTooLargeError,
 )
 
@@ -127,6 +128,7 @@ class SessionConfig:
         user_every: a user memory grows every this many session turns (and when a session ends).
         user_max_entries: records a user memory keeps (oldest folded away); user_max_bytes: its K/V bytes.
         user_ttl_s: a user memory untouched this long is deleted.
+        user_pointed: most user records pointed at per request (0: none; see :meth:`Conversations.point_records`).
         storage_dtype: K/V storage (None keeps the model's dtype; ``int8``/``fp8`` quarter the bytes).
     """
 
@@ -144,6 +146,7 @@ class SessionConfig:
     user_max_entries: int = 32
     user_max_bytes: int = 64 << 20
     user_ttl_s: float = 365 * 24 * 3600.0
+    user_pointed: int = 2
     storage_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -156,6 +159,8 @@ class SessionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidInputError(f"session {name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.user_pointed, bool) or not isinstance(self.user_pointed, int) or self.user_pointed < 0:
+            raise InvalidInputError(f"session user_pointed must be an integer >= 0, got {self.user_pointed!r}")
 
 
 @dataclass
@@ -241,6 +246,7 @@ class SessionContext:
         session_id, user_id: whose memories were read (None when not given).
         turn: number of this turn in the session (1-based). standalone: the rewritten question (None without
         earlier turns or when the rewrite restates the question). session_recalls, user_recalls: recalled lines.
+        user_pointed: the user's own earlier records that the request's attention over the user memory points at.
         seconds: wall time spent on the memories.
     """
 
@@ -250,13 +256,16 @@ class SessionContext:
     standalone: str | None = None
     session_recalls: list[str] = field(default_factory=list)
     user_recalls: list[str] = field(default_factory=list)
+    user_pointed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def queries(self) -> list[tuple[str, str]]:
-        """(source, text) retrieval queries: the standalone question and recalls (``session``), then ``user``."""
+        """(source, text) retrieval queries: the standalone question and recalls (``session``), then the pointed
+        user records (``user``) and the user memory's decoded recalls (``user_recall``)."""
         out = [("session", self.standalone)] if self.standalone else []
         out += [("session", s) for s in self.session_recalls]
-        out += [("user", s) for s in self.user_recalls]
+        out += [("user", s) for s in self.user_pointed]
+        out += [("user_recall", s) for s in self.user_recalls if s not in self.user_pointed]
         return out
 
     def to_dict(self) -> dict:
@@ -695,11 +704,42 @@ class Conversations:
                 if ustate is not None and ustate.turns:
                     memory = memory or self.memory_for(collection)
                     if self._load_into(memory, ustate):
+                        ctx.user_pointed = self.point_records(memory, ustate, query)
                         ctx.user_recalls = _lines(memory.generate(USER_PROMPT, query,
                                                                   max_new_tokens=self.config.recall_tokens)[0],
                                                   echo_of=self._echo(memory, USER_PROMPT, query))
         ctx.seconds = time.perf_counter() - t0
         return ctx
+
+    def point_records(self, memory, state: ConversationState, query: str) -> list[str]:
+        """The user's own earlier records (what they asked or said) that ``query`` points at in their memory.
+
+        The request is read after the user memory as a new user turn (one prefill, no decoding) and the attention
+        its tokens pay to each memory entry is summed per record: a record's entries are the consecutive range it
+        added (``Turn.entries``, kept exact by folding). Each (layer, head) is a distribution over entries;
+        records are scored by their mean mass per entry, and at most ``user_pointed`` records scoring at least the
+        records' mean are returned, best first. A small model's decoded recall is often generic ("this user
+        asked about their preferences"); the pointer needs no generated text, so it carries the preference even
+        then (tests/memorag_core/query/test_engine_sessions.py).
+        """
+        from memorag_core.memory.pointers import question_attention
+
+        if self.config.user_pointed == 0 or not state.turns:
+            return []
+        try:
+            mass = question_attention(memory, query)  # (layers, kv_heads, entries)
+        except (InvalidInputError, MemoryNotReadyError) as exc:
+            logger.info("user %s: no pointers (%s)", state.id, exc)
+            return []
+        per_entry = (mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-12)).mean(dim=(0, 1))  # (entries,)
+        scores, start = [], state.prefix_entries
+        for t in state.turns:
+            seg = per_entry[start:start + t.entries]
+            scores.append(float(seg.mean()) if seg.numel() else 0.0)
+            start += t.entries
+        floor = sum(scores) / len(scores)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[:self.config.user_pointed]
+        return [" ".join(state.turns[i].question.split()) for i in order if scores[i] >= floor and scores[i] > 0]
 
     def record(self, collection: str, owner: str, session_id: str, question: str, answer: str,
                titles: list[str], standalone: str | None = None) -> ConversationState:

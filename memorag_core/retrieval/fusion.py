@@ -28,8 +28,12 @@ from memorag_core.errors import InvalidInputError
 #: default weight of each query source (its total, split over its rankings)
 DEFAULT_WEIGHTS: dict[str, float] = {
     "question": 1.0, "span": 0.5, "surrogate": 0.5, "draft": 0.25, "pointer": 0.5, "grounded": 0.75,
-    "session": 0.5, "user": 0.25,
+    "session": 0.5, "user": 1.0, "user_recall": 0.25,
 }
+# "user": the user's own earlier words that the request's attention over their user memory points at
+# (Conversations.point_records): weighed like the question, since an ambiguous request ("where should I go this
+# Saturday?") is only answerable with them, and the question's floor keeps its own best hits whatever they add.
+# "user_recall": lines the memory model decoded from the user memory (often generic with a small model).
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,10 @@ def test_chinese_corpus_is_summarized_in_chinese_and_english_in_english(ray_loca
         corpus = tmp_path / f"{lang}.jsonl"
         corpus.write_text("".join(json.dumps({"doc_id": k, "text": v}, ensure_ascii=False) + "\n"
                                   for k, v in docs.items()))
-        # one unit per excerpt (boundary after every document), small chunks
+        # one unit per excerpt (boundary after every document; 260 Chinese characters are ~450 SmolLM2 tokens, so
+        # the unit bound is above that), small chunks
         run_memorize_job(facts_job_config(corpus, store, None, collection=f"book-{lang}", window=128,
-                                          pack={"unit_tokens": 400, "boundary_every": 1},
+                                          pack={"unit_tokens": 1024, "boundary_every": 1},
                                           chunk_embed={"chunk_tokens": 96}))
         run_summarize_job(SummarizeJobConfig.model_validate({
             "store": store, "collection": f"book-{lang}", "generator": "memory", "key_point_tokens": 24,
@@ -47,7 +48,8 @@ def test_chinese_corpus_is_summarized_in_chinese_and_english_in_english(ray_loca
     for lang in corpora:
         stored = SummaryStore(store).open(f"book-{lang}")
         texts = stored.units.column("summary").to_pylist() + stored.collection.column("summary").to_pylist()
-        assert len(texts) == 3 and all(t.strip() for t in texts)
+        assert len(texts) == 3 and all(t.strip() for t in texts), texts
+        assert not any(t.endswith("\ufffd") for t in texts), texts  # no character cut by the token budget
         assert set(stored.units.column("language").to_pylist()) == {lang}
         for t in texts:
             if lang == "zh":

@@ -190,6 +190,7 @@
     if (s) {
       if (s.standalone) box.append(list("session: standalone question", [s.standalone]));
       if (s.session_recalls && s.session_recalls.length) box.append(list("session: recalled", s.session_recalls));
+      if (s.user_pointed && s.user_pointed.length) box.append(list("user memory: pointed at", s.user_pointed));
       if (s.user_recalls && s.user_recalls.length) box.append(list("user memory: recalled", s.user_recalls));
     }
     for (const c of result.clues || []) {

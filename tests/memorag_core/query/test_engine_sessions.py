@@ -68,7 +68,8 @@ def test_a_stated_preference_changes_a_later_sessions_retrieval(embedded_engine)
         # user memory: user_every=1), then a later session of the same user asks the ambiguous question
         later = eng.conversations.sessions.create("facts", KEY_A, user_id=user)
         r = eng.query("facts", QueryRequest(ambiguous, session_id=later.id, **req), owner=KEY_A)
-        assert r.session["user_recalls"], "the user memory recalled nothing"
+        # the request's attention over the user memory points at the record of what this user said
+        assert r.session["user_pointed"] == [statement], r.session
         assert any(src == "user" for src, _ in r.retrieval_queries)
         ranks[user] = {doc: _rank(r, doc) for doc in ("bakery", "observatory")}
     base_ranks = {doc: _rank(base, doc) for doc in ("bakery", "observatory")}

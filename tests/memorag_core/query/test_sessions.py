@@ -160,7 +160,12 @@ def test_user_memory_grows_every_n_turns_and_when_a_session_ends(tmp_path, tiny_
         store.get("session", s.id, OWNER)
     # A later session of the same user reads the user memory; another key's user "alice" is someone else.
     ctx = conv.prepare("facts", OWNER, "Where should I go this weekend?", user_id="alice")
-    assert all(src == "user" for src, _ in ctx.queries())
+    assert {src for src, _ in ctx.queries()} <= {"user", "user_recall"}
+    # the request's attention over the user memory points at records of what this user asked (best first, at
+    # most user_pointed, none below the records' mean)
+    records = [" ".join(t.question.split()) for t in store.get("user", "alice", OWNER).turns]
+    assert 1 <= len(ctx.user_pointed) <= 2 and set(ctx.user_pointed) <= set(records), ctx.user_pointed
+    assert [q for src, q in ctx.queries() if src == "user"] == ctx.user_pointed
     assert store.get("user", "alice", OTHER) is None
     with pytest.raises(ArtifactNotFoundError):
         store.delete("user", "alice", OTHER)
