@@ -162,7 +162,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     from pipeline.memory_stage import MemoryStage
     from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
     from pipeline.read import corpus_nbytes, read_corpus, read_corpus_table
-    from pipeline.router import ROUTER_INDEX, ROUTER_TABLE, build_router
+    from pipeline.router import ROUTER_COLUMNS, unique_units, write_router
     from pipeline.validate import ValidateStage, reason_code
 
     t0 = time.perf_counter()
@@ -228,74 +228,92 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
         ChunkEmbedStage, fn_constructor_args=(ce, config.store, config.storage_options, mem_cfg.model),
         compute=ActorPoolStrategy(size=ce.concurrency), batch_size=ce.batch_size, num_cpus=ce.num_cpus,
         num_gpus=ce.num_gpus, batch_format="pyarrow")
+    # Per-unit metadata only (no text, gists or embeddings) comes to the driver, as one Arrow table.
     if local:
         embedded_table = pa.concat_tables([t for t in ray.get(embedded.to_arrow_refs()) if t.num_rows])
-        all_rows = embedded_table.drop_columns(["text", "members"]).to_pylist()
+        meta = embedded_table.select(_META_COLUMNS)
+        dim = embedded_table.schema.field("gist_embedding").type.list_size
     else:
         embedded = embedded.materialize()
-        all_rows = embedded.drop_columns(["text", "members"]).take_all()
+        meta = pa.concat_tables([t for t in ray.get(embedded.select_columns(_META_COLUMNS).to_arrow_refs())
+                                 if t.num_rows])
+        dim = embedded.schema().base_schema.field("gist_embedding").type.list_size
     phase("memorize+embed")
-    rows = sorted(all_rows, key=lambda r: r["unit_id"])
-    # A unit id repeats only if two groups have the same text (identical documents under different ids).
-    rows = list({r["unit_id"]: r for r in rows}.values())
-    stats.units = len(rows)
-    stats.units_memorized = sum(r["memorized"] for r in rows)
+    meta = unique_units(meta)
+    stats.units = meta.num_rows
+    memorized_mask = meta.column("memorized")
+    stats.units_memorized = int(pc.sum(memorized_mask.cast(pa.int64())).as_py() or 0)
     stats.units_cached = stats.units - stats.units_memorized
-    stats.tokens = sum(r["n_tokens"] for r in rows)
-    stats.tokens_memorized = sum(r["n_tokens"] for r in rows if r["memorized"])
-    stats.units_embedded = sum(r["embedded"] for r in rows)
-    stats.memory_seconds = sum(r["seconds"] for r in rows)
-    stats.chunks = sum(r["n_chunks"] for r in rows)
-    dim = len(rows[0]["gist_embedding"])
+    stats.tokens = int(pc.sum(meta.column("n_tokens")).as_py() or 0)
+    stats.tokens_memorized = int(pc.sum(pc.if_else(memorized_mask, meta.column("n_tokens"), 0)).as_py() or 0)
+    stats.units_embedded = int(pc.sum(meta.column("embedded").cast(pa.int64())).as_py() or 0)
+    stats.memory_seconds = float(pc.sum(meta.column("seconds")).as_py() or 0.0)
+    stats.chunks = int(pc.sum(meta.column("n_chunks")).as_py() or 0)
 
-    # 5. index: train once, shards in parallel, merge
+    # 5. index: train once (a task), shards in parallel tasks that write their own files, optional merge task
     ic = config.index
-    fs = store.fs
+    folder = writer.folder()
     n_train = min(ic.train_sample, stats.chunks)
-    trained = train_index(ic, dim, fs, [r["chunks_path"] for r in rows])
-    build_shard = BuildShard(ic, trained, n_train, config.store, config.storage_options)
+    trained = ray.get(ray.remote(train_index).remote(ic, dim, config.store, config.storage_options,
+                                                     meta.column("chunks_path").to_pylist()))
+    build_shard = BuildShard(ic, trained, n_train, config.store, config.storage_options, folder)
     if local:
         with_shard = _add_shard(ic.shards)(embedded_table)
         shard_ids = sorted(set(with_shard.column("shard").to_pylist()))
-        shard_list = [build_shard(with_shard.filter(pc.equal(with_shard.column("shard"), k))).to_pylist()[0]
-                      for k in shard_ids]
+        task = ray.remote(build_shard)
+        shard_list = [t.to_pylist()[0] for t in ray.get(
+            [task.remote(with_shard.filter(pc.equal(with_shard.column("shard"), k))) for k in shard_ids])]
     else:
         shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
-        shard_list = list(shard_rows.groupby("shard", num_partitions=ic.shards)
-                          .map_groups(build_shard, batch_format="pyarrow").iter_rows())
-    shard_bytes: dict[int, bytes] = {}
-    for s in sorted(shard_list, key=lambda s: s["shard"]):
-        writer.write_bytes(f"chunks/shard-{s['shard']:05d}.parquet", s["chunks_parquet"])
-        writer.write_bytes(f"units/shard-{s['shard']:05d}.parquet", s["units_parquet"])
-        writer.write_bytes(f"index/shard-{s['shard']:05d}.faiss", s["index_bytes"])
-        shard_bytes[s["shard"]] = s["index_bytes"]
+        shard_list = (shard_rows.groupby("shard", num_partitions=_partitions(ic.shards, 1))
+                      .map_groups(build_shard, batch_format="pyarrow").take_all())
+    shard_list = sorted(shard_list, key=lambda s: s["shard"])
+    for s in shard_list:
+        for f in json.loads(s["files"]):
+            writer.record_file(f["path"], f["sha256"], f["nbytes"])
     if ic.merge:
-        writer.write_bytes("index/merged.faiss", merge_shards(ic, [shard_bytes[k] for k in sorted(shard_bytes)],
-                                                              n_train))
+        shard_index_files = [f"index/shard-{s['shard']:05d}.faiss" for s in shard_list]
+        f = ray.get(ray.remote(merge_shards).remote(ic, folder, shard_index_files, n_train))
+        writer.record_file(f["path"], f["sha256"], f["nbytes"])
 
-    # 6. router, quarantine, publish
+    # 6. router (a task over the gist columns), quarantine, publish
     phase("index")
-    table_bytes, index_bytes = build_router(rows, dim)
-    writer.write_bytes(ROUTER_TABLE, table_bytes)
-    writer.write_bytes(ROUTER_INDEX, index_bytes)
+    if local:
+        router_files = write_router(embedded_table.select(ROUTER_COLUMNS), folder)
+        del embedded_table
+    else:
+        refs = embedded.select_columns(ROUTER_COLUMNS).to_arrow_refs()
+        router_files = ray.get(ray.remote(write_router).remote(refs, folder))
+    for f in router_files:
+        writer.record_file(f["path"], f["sha256"], f["nbytes"])
     writer.write_table("quarantine", "quarantine", _quarantine_table(bad))
-    models = {"memory": (rows[0]["model_id"], rows[0]["model_revision"]),
+    first = meta.slice(0, 1).to_pylist()[0]
+    models = {"memory": (first["model_id"], first["model_revision"]),
               "embedder": (ce.embedder or _embedded_embedder(), None)}
+    rows = meta.select(["unit_id", "memory_sha256", "memory_nbytes", "storage_dtype", "n_tokens", "raw_tokens",
+                        "entries"]).to_pylist()
     manifest = build_manifest(
         config_dump=config.model_dump(mode="json", by_alias=True), unit_rows=rows, models=models,
         stats={"documents": stats.documents, "quarantined": stats.quarantined,
                "quarantine_reasons": stats.quarantine_reasons, "units": stats.units, "tokens": stats.tokens,
-               "chunks": stats.chunks, "memory_bytes": sum(int(r["memory_nbytes"]) for r in rows)},
-        extra={"memory_fingerprint": rows[0]["fingerprint"], "dim": dim, "shards": sorted(shard_bytes),
+               "chunks": stats.chunks, "memory_bytes": int(pc.sum(meta.column("memory_nbytes")).as_py() or 0)},
+        extra={"memory_fingerprint": first["fingerprint"], "dim": dim, "shards": [s["shard"] for s in shard_list],
                "index": {"kind": ic.kind, "metric": ic.metric, "merged": ic.merge, "n_train": n_train},
                "router": {"gist": config.router.gist}})
+    del rows
     stats.bytes_written = (sum(f["nbytes"] for f in writer.files.values())
-                           + sum(int(r["memory_nbytes"]) for r in rows if r["memorized"]))
+                           + int(pc.sum(pc.if_else(memorized_mask, meta.column("memory_nbytes"), 0)).as_py() or 0))
     stats.version = writer.publish(manifest)
     phase("router+publish")
     stats.seconds = time.perf_counter() - t0
     logger.info("published %s/%s\n%s", config.collection, stats.version, stats.table())
     return stats
+
+
+_META_COLUMNS = ["unit_id", "n_tokens", "raw_tokens", "entries", "memory_sha256", "memory_nbytes", "storage_dtype",
+                 "memorized", "embedded", "seconds", "chunks_path", "n_chunks", "fingerprint", "model_id",
+                 "model_revision"]
+"""The embed-stage columns the driver keeps, per unit: small metadata, no unit text, gist or embedding."""
 
 
 def _embedded_embedder() -> str:

@@ -99,8 +99,11 @@ class IndexStageConfig(_Config):
                                              "unit id, so shards are stable across versions.")
     train_sample: int = Field(20_000, gt=0, description="Embeddings used to train the (shared) quantizer: the "
                                                         "ones with the smallest chunk ids, so it is deterministic.")
-    merge: bool = Field(True, description="Also merge the shards into one index file (index/merged.faiss); "
-                                          "otherwise the shards are served as they are.")
+    merge: bool = Field(False, description="Also merge the shards into one index file (index/merged.faiss, "
+                                           "in one Ray task). The query engine searches the shards and does not "
+                                           "need it; a merged index is for consumers that want one file.")
+    gpu: bool = Field(True, description="Train IVF and add to shards on the GPUs when the installed faiss "
+                                        "(the 'faiss-gpu' extra) sees one; CPU otherwise.")
 
 
 class RouterConfig(_Config):
