@@ -78,14 +78,18 @@ class _KeepRows:
 
 
 class _Phases:
-    """Logs the wall time of each job phase (INFO)."""
+    """Logs the wall time of each job phase (INFO) and keeps them in ``seconds`` (phase -> seconds)."""
 
-    def __init__(self):
+    def __init__(self, t0: float | None = None):
         self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        if t0 is not None:
+            self.seconds["setup"] = round(self.t - t0, 3)
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
         logger.info("phase %s: %.1f s", name, now - self.t)
+        self.seconds[name] = round(now - self.t, 3)
         self.t = now
 
 
@@ -174,7 +178,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     if not local:
         _init_ray(config)
     stats = JobStats(collection=config.collection)
-    phase = _Phases()
+    phase = _Phases(t0)
 
     # 1-2. read and validate (on the driver for a small corpus: same functions, no Ray Data tasks)
     if local:
@@ -260,9 +264,10 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     if local:
         with_shard = _add_shard(ic.shards)(embedded_table)
         shard_ids = sorted(set(with_shard.column("shard").to_pylist()))
-        task = ray.remote(build_shard)
+        task = ray.remote(_call)
         shard_list = [t.to_pylist()[0] for t in ray.get(
-            [task.remote(with_shard.filter(pc.equal(with_shard.column("shard"), k))) for k in shard_ids])]
+            [task.remote(build_shard, with_shard.filter(pc.equal(with_shard.column("shard"), k)))
+             for k in shard_ids])]
     else:
         shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
         shard_list = (shard_rows.groupby("shard", num_partitions=_partitions(ic.shards, 1))
@@ -306,6 +311,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     stats.version = writer.publish(manifest)
     phase("router+publish")
     stats.seconds = time.perf_counter() - t0
+    stats.phase_seconds = phase.seconds
     logger.info("published %s/%s\n%s", config.collection, stats.version, stats.table())
     return stats
 
@@ -314,6 +320,11 @@ _META_COLUMNS = ["unit_id", "n_tokens", "raw_tokens", "entries", "memory_sha256"
                  "memorized", "embedded", "seconds", "chunks_path", "n_chunks", "fingerprint", "model_id",
                  "model_revision"]
 """The embed-stage columns the driver keeps, per unit: small metadata, no unit text, gist or embedding."""
+
+
+def _call(fn, *args):
+    """Task body: ``fn(*args)`` (Ray makes tasks of functions, not of callable objects)."""
+    return fn(*args)
 
 
 def _embedded_embedder() -> str:
