@@ -5,9 +5,14 @@ Run it on a cluster with ``ray job submit -- python -m jobs.memorize --corpus s3
 s3://...``, or locally (a local Ray is started) with ``memorag memorize --corpus ... --collection ...`` or
 ``python -m jobs.memorize ...``. Stages live in :mod:`pipeline`; this module only wires them.
 
-A corpus of at most ``local_prepare_bytes`` is read, validated, packed and sharded in the driver with the same
-stage functions (Ray Data tasks and shuffles cost more than that work); the memory and embed actor pools run on
-Ray in both cases, and both paths publish the same bytes.
+A corpus of at most ``local_prepare_bytes`` is read, validated and packed in the driver with the same stage
+functions (Ray Data tasks and shuffles cost more than that work); the memory and embed actor pools, the index
+training, the shard builds and the router run on Ray in both cases, and both paths publish the same bytes.
+
+Driver memory: besides per-document validation metadata (doc ids, for duplicates and the packing plan), the
+driver holds one small Arrow table of per-unit metadata (ids, sizes, checksums, counts, staged chunk paths), never
+unit texts, gists, embeddings, chunk tables or index shards: shard, index and router files are written by the
+tasks that build them, into the version folder, and only their paths, sizes and sha256 come back.
 
 Resumability: unit memories (``units/<unit_id>/``) and per-unit chunk tables (``staging/chunks/<key>/``) are
 content-addressed and written atomically, so a rerun after a kill at any point skips every finished unit; the

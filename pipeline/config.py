@@ -137,8 +137,8 @@ class MemorizeJobConfig(_Config):
                                                       "or joins a local Ray as ray.init() does.")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray started by the job (None = all).")
     local_prepare_bytes: int = Field(
-        16 * 2**20, ge=0, description="A corpus of at most this many bytes is read, validated and packed, and its "
-                                      "index shards are built, in the driver process (the same functions, so the "
+        16 * 2**20, ge=0, description="A corpus of at most this many bytes is read, validated and packed "
+                                      "in the driver process (the same functions, so the "
                                       "same output) instead of as Ray Data tasks and shuffles, which cost more than "
                                       "the work on small corpora. Memory and embed actors run on Ray either way. "
                                       "0 always uses Ray Data.")
