@@ -5,7 +5,7 @@ router, publish, and the driver), not the model: the memory model is a 1-layer r
 real SmolLM2 tokenizer, the embedder a 1-layer random BERT (hidden 32, mean pooling) with the real MiniLM tokenizer.
 
 Corpus: passages of the two shared books (``../shared/data/harry_potter.txt``, ``fortress_besieged.txt``) at
-random offsets and lengths (1K-16K characters), each prefixed with its own id line so that no two documents (and
+random offsets and lengths (200-6,000 characters, ~1.5K tokens on average), each prefixed with its own id line so that no two documents (and
 so no two units) are equal, written as JSONL files of ~8 MB, until the estimated token count reaches ``--tokens``
 (chars per token measured on each book with the memory tokenizer). The job then runs exactly as
 ``python -m jobs.memorize`` does, in a separate driver process on a fresh local Ray (``--num-cpus``, default 2),
@@ -104,7 +104,7 @@ def write_corpus(folder: Path, tokens: int, model_dir: Path, seed: int = 0,
     est, docs, n_files, out, size = 0.0, 0, 0, None, 0
     while est < tokens:
         name, text, cpt = books[rng.randrange(len(books))]
-        length = rng.randint(1_000, 16_000)
+        length = rng.randint(200, 6_000)
         start = rng.randrange(0, max(1, len(text) - length))
         body = f"[{name} passage {docs}]\n" + text[start:start + length]
         line = json.dumps({"doc_id": f"{name}-{docs:08d}", "text": body}, ensure_ascii=False) + "\n"
@@ -127,29 +127,30 @@ def _du(path: Path) -> int:
 
 
 class _ObjectStoreSampler(threading.Thread):
-    """Polls Ray's plasma usage (``ray memory --stats-only`` text) every ``every`` s; keeps the peaks in MiB."""
+    """Polls Ray's plasma store every ``every`` s (the raylet's store stats, as ``ray memory --stats-only``
+    reports them); keeps the peaks of bytes used and bytes spilled, in MiB."""
 
-    def __init__(self, every: float = 2.0):
+    def __init__(self, every: float = 1.0):
         super().__init__(daemon=True)
-        self.every, self.peak_mb, self.spilled_mb, self.stop = every, 0.0, 0.0, threading.Event()
+        self.every, self.peak_mb, self.spilled_mb, self.samples = every, 0.0, 0.0, 0
+        self.stop = threading.Event()
 
     def run(self) -> None:
         import ray
-        from ray._private.internal_api import memory_summary
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
+        state = None
         while not self.stop.wait(self.every):
             if not ray.is_initialized():
                 continue
             try:
-                text = memory_summary(stats_only=True)
+                state = state or get_state_from_address(None)
+                stats = get_memory_info_reply(state).store_stats
             except Exception:  # noqa: BLE001 - a sample lost while Ray starts or stops
                 continue
-            m = re.search(r"Plasma memory usage (\d+) MiB", text)
-            if m:
-                self.peak_mb = max(self.peak_mb, float(m.group(1)))
-            m = re.search(r"Spilled (\d+) MiB", text)
-            if m:
-                self.spilled_mb = max(self.spilled_mb, float(m.group(1)))
+            self.samples += 1
+            self.peak_mb = max(self.peak_mb, stats.object_store_bytes_used / 2**20)
+            self.spilled_mb = max(self.spilled_mb, stats.spilled_bytes_total / 2**20)
 
 
 def driver_main(cfg_file: str, out_file: str, num_cpus: int) -> None:
@@ -174,18 +175,21 @@ def driver_main(cfg_file: str, out_file: str, num_cpus: int) -> None:
     ray.shutdown()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(out_file).write_text(json.dumps({"stats": stats.to_dict(), "driver_peak_rss_mb": round(peak_kb / 1024, 1),
-                                          "object_store_peak_mb": sampler.peak_mb, "spilled_mb": sampler.spilled_mb,
+                                          "object_store_peak_mb": round(sampler.peak_mb, 1),
+                                          "spilled_mb": round(sampler.spilled_mb, 1), "store_samples": sampler.samples,
                                           "ray_start_seconds": round(ray_start, 2)}))
 
 
 def job_config(corpus: Path, store: Path, lm: Path, embedder: Path, args) -> dict:
-    """The job settings of the benchmark (tiny models, cheap gists, Ray Data path, IVF index in shards)."""
+    """The job settings of the benchmark (tiny models, cheap gists, Ray Data path, IVF index in shards). Both actor
+    pools take 0.5 CPU, leaving one of the 2 CPUs to Ray Data's tasks (read, shuffles, shard builds): with a 1-CPU
+    memory actor, the 1-CPU tasks upstream of it could never be scheduled and the job hung."""
     return {
         "corpus": {"url": str(corpus)}, "store": str(store), "collection": "scale",
         "pack": {"unit_tokens": args.unit_tokens},
         "memory_stage": {"memory": {"model": str(lm), "ratio": args.ratio, "load": {"device": "cpu"}},
-                         "concurrency": 1, "num_cpus": 1.0, "batch_size": 1},
-        "chunk_embed": {"embedder": str(embedder), "chunk_tokens": 512, "num_cpus": 0.5, "batch_size": 16},
+                         "concurrency": 1, "num_cpus": 0.5, "batch_size": 1},
+        "chunk_embed": {"embedder": str(embedder), "num_cpus": 0.5, "batch_size": 16},
         "index": {"kind": "ivf", "nlist": 64, "nprobe": 8, "shards": args.shards, "train_sample": 20_000},
         "router": {"gist": "cheap", "gist_chars": 200},
         "local_prepare_bytes": 0,

@@ -167,11 +167,11 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     from memorag_core.errors import InvalidInputError
     from memorag_core.store import CollectionStore
     from pipeline.chunk_embed import ChunkEmbedStage
-    from pipeline.index import BuildShard, merge_shards, train_index
+    from pipeline.index import BuildShard, build_shards, merge_shards, select_columns, train_index
     from pipeline.memory_stage import MemoryStage
     from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
     from pipeline.read import corpus_nbytes, read_corpus, read_corpus_table
-    from pipeline.router import ROUTER_COLUMNS, unique_units, write_router
+    from pipeline.router import unique_units, write_router
     from pipeline.validate import ValidateStage, reason_code
 
     t0 = time.perf_counter()
@@ -237,16 +237,17 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
         ChunkEmbedStage, fn_constructor_args=(ce, config.store, config.storage_options, mem_cfg.model),
         compute=ActorPoolStrategy(size=ce.concurrency), batch_size=ce.batch_size, num_cpus=ce.num_cpus,
         num_gpus=ce.num_gpus, batch_format="pyarrow")
-    # Per-unit metadata only (no text, gists or embeddings) comes to the driver, as one Arrow table.
-    if local:
-        embedded_table = pa.concat_tables([t for t in ray.get(embedded.to_arrow_refs()) if t.num_rows])
-        meta = embedded_table.select(_META_COLUMNS)
-        dim = embedded_table.schema.field("gist_embedding").type.list_size
-    else:
-        embedded = embedded.materialize()
-        meta = pa.concat_tables([t for t in ray.get(embedded.select_columns(_META_COLUMNS).to_arrow_refs())
-                                 if t.num_rows])
-        dim = embedded.schema().base_schema.field("gist_embedding").type.list_size
+    # The embed stage's blocks stay in the object store (refs); tasks read them. Per-unit metadata only (no text,
+    # gists or embeddings) comes to the driver, as one Arrow table.
+    refs = embedded.to_arrow_refs()
+    groups = max(1, min(len(refs), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    select = ray.remote(select_columns)
+    metas = ray.get([select.remote(_META_COLUMNS, *refs[g::groups]) for g in range(groups)])
+    dims = {int(m.schema.metadata[b"dim"]) for m in metas if m.schema.metadata and b"dim" in m.schema.metadata}
+    meta = pa.concat_tables([m for m in metas if m.num_rows])
+    if len(dims) != 1:
+        raise RuntimeError(f"embed stage blocks disagree on the embedding dimension: {sorted(dims)}")
+    dim = dims.pop()
     phase("memorize+embed")
     meta = unique_units(meta)
     stats.units = meta.num_rows
@@ -266,18 +267,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     trained = ray.get(ray.remote(train_index).remote(ic, dim, config.store, config.storage_options,
                                                      meta.column("chunks_path").to_pylist()))
     build_shard = BuildShard(ic, trained, n_train, config.store, config.storage_options, folder)
-    if local:
-        with_shard = _add_shard(ic.shards)(embedded_table)
-        shard_ids = sorted(set(with_shard.column("shard").to_pylist()))
-        task = ray.remote(_call)
-        shard_list = [t.to_pylist()[0] for t in ray.get(
-            [task.remote(build_shard, with_shard.filter(pc.equal(with_shard.column("shard"), k)))
-             for k in shard_ids])]
-    else:
-        shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
-        shard_list = (shard_rows.groupby("shard", num_partitions=_partitions(ic.shards, 1))
-                      .map_groups(build_shard, batch_format="pyarrow").take_all())
-    shard_list = sorted(shard_list, key=lambda s: s["shard"])
+    shard_list = build_shards(refs, build_shard, ic.shards, groups)
     for s in shard_list:
         for f in json.loads(s["files"]):
             writer.record_file(f["path"], f["sha256"], f["nbytes"])
@@ -288,12 +278,8 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
 
     # 6. router (a task over the gist columns), quarantine, publish
     phase("index")
-    if local:
-        router_files = write_router(embedded_table.select(ROUTER_COLUMNS), folder)
-        del embedded_table
-    else:
-        refs = embedded.select_columns(ROUTER_COLUMNS).to_arrow_refs()
-        router_files = ray.get(ray.remote(write_router).remote(refs, folder))
+    router_files = ray.get(ray.remote(write_router).remote(folder, *refs))
+    del refs
     for f in router_files:
         writer.record_file(f["path"], f["sha256"], f["nbytes"])
     writer.write_table("quarantine", "quarantine", _quarantine_table(bad))
@@ -327,30 +313,10 @@ _META_COLUMNS = ["unit_id", "n_tokens", "raw_tokens", "entries", "memory_sha256"
 """The embed-stage columns the driver keeps, per unit: small metadata, no unit text, gist or embedding."""
 
 
-def _call(fn, *args):
-    """Task body: ``fn(*args)`` (Ray makes tasks of functions, not of callable objects)."""
-    return fn(*args)
-
-
 def _embedded_embedder() -> str:
     from memorag_core.models import EMBEDDED_EMBEDDER
 
     return EMBEDDED_EMBEDDER
-
-
-class _add_shard:  # noqa: N801 - a batch fn
-    """Batch fn: add the ``shard`` column (hash of the unit id) to embed-stage rows."""
-
-    def __init__(self, shards: int):
-        self.shards = shards
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        from pipeline.index import shard_of
-
-        return batch.append_column("shard", pa.array([shard_of(u, self.shards)
-                                                      for u in batch.column("unit_id").to_pylist()], pa.int64()))
 
 
 def build_parser() -> argparse.ArgumentParser:

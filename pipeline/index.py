@@ -249,3 +249,68 @@ def merge_shards(config: IndexStageConfig, folder, shard_paths: list[str], n_tra
     for path in shard_paths[1:]:
         merged.merge_from(VectorIndex.from_bytes(folder.read(path), cfg))
     return folder.write("index/merged.faiss", merged.to_bytes())
+
+
+SHARD_INPUT_COLUMNS = ["unit_id", "chunks_path", "doc_ids", "text", "n_tokens", "members"]
+"""The embed-stage columns a shard build reads (the chunk tables themselves come from the staged files)."""
+
+
+def _split_by_shard(shards: int, *blocks: pa.Table):
+    """Task body: the rows of ``blocks`` (embed-stage Arrow blocks) split by :func:`shard_of` their unit id, with a
+    ``shard`` column; returns ``shards`` tables (one per shard, possibly empty)."""
+    tables = [b.select(SHARD_INPUT_COLUMNS) for b in blocks if b.num_rows]
+    if not tables:
+        empty = pa.table({c: pa.array([], pa.null()) for c in SHARD_INPUT_COLUMNS + ["shard"]})
+        parts = [empty] * shards
+    else:
+        t = pa.concat_tables(tables)
+        sid = np.fromiter((shard_of(u, shards) for u in t.column("unit_id").to_pylist()), np.int64,
+                          count=t.num_rows)  # (rows,)
+        t = t.append_column("shard", pa.array(sid))
+        parts = [t.filter(pa.array(sid == k)) for k in range(shards)]
+    return parts if shards > 1 else parts[0]
+
+
+def _build_from_parts(build_shard: "BuildShard", *parts: pa.Table) -> dict | None:
+    """Task body: one shard's rows from every split task -> its ``SHARD_OUT_SCHEMA`` row (None when empty)."""
+    parts = [p for p in parts if p.num_rows]
+    if not parts:
+        return None
+    return build_shard(pa.concat_tables(parts)).to_pylist()[0]
+
+
+def build_shards(block_refs: list, build_shard: BuildShard, shards: int, groups: int) -> list[dict]:
+    """Build every non-empty shard with plain Ray tasks; returns their ``SHARD_OUT_SCHEMA`` rows by shard.
+
+    A two-step hash partition over the embed stage's blocks (object refs; nothing is fetched to the driver):
+    ``groups`` split tasks each read a slice of the blocks and return one part per shard, then one build task per
+    shard concatenates its parts (unit rows only: ids, paths, unit text; the chunk tables and their embeddings
+    are read from the staged files inside the task) and writes the shard's files. This is what Ray Data's
+    ``groupby().map_groups()`` does, without its per-operator start-up (aggregator actors), which cost more than
+    the shard builds themselves on small corpora.
+    """
+    import ray
+
+    if not block_refs:
+        return []
+    groups = max(1, min(groups, len(block_refs)))
+    split = ray.remote(_split_by_shard).options(num_returns=shards)
+    parts = [split.remote(shards, *block_refs[g::groups]) for g in range(groups)]
+    if shards == 1:
+        parts = [[p] for p in parts]
+    build = ray.remote(_build_from_parts)
+    rows = ray.get([build.remote(build_shard, *[p[k] for p in parts]) for k in range(shards)])
+    return [r for r in rows if r is not None]
+
+
+def select_columns(columns: list[str], *blocks: pa.Table) -> pa.Table:
+    """Task body: ``columns`` of the non-empty ``blocks``, concatenated, with the dimension of ``gist_embedding``
+    (when present in the blocks) in the schema metadata under ``dim``."""
+    tables = [b for b in blocks if b.num_rows]
+    if not tables:
+        return pa.table({c: pa.array([], pa.null()) for c in columns})
+    dim = None
+    if "gist_embedding" in tables[0].column_names:
+        dim = tables[0].schema.field("gist_embedding").type.list_size
+    out = pa.concat_tables([t.select(columns) for t in tables])
+    return out.replace_schema_metadata({b"dim": str(dim).encode()}) if dim is not None else out

@@ -62,13 +62,9 @@ def unique_units(units: pa.Table) -> pa.Table:
     return units if keep.all() else units.filter(pa.array(keep))
 
 
-def write_router(units, folder) -> list[dict]:
-    """Build the router from ``units`` (an Arrow table, or a list of Ray object refs of Arrow blocks, resolved
-    here inside the task) and write its two files into ``folder``; returns their file entries."""
-    if isinstance(units, list):
-        import ray
-
-        blocks = [b for b in ray.get(units) if b.num_rows]
-        units = pa.concat_tables([b.select(ROUTER_COLUMNS) for b in blocks])
+def write_router(folder, *blocks: pa.Table) -> list[dict]:
+    """Task body: build the router from the embed stage's Arrow ``blocks`` (:data:`ROUTER_COLUMNS` are read) and
+    write its two files into ``folder`` (a :class:`memorag_core.store.VersionFolder`); returns their entries."""
+    units = pa.concat_tables([b.select(ROUTER_COLUMNS) for b in blocks if b.num_rows])
     table_bytes, index_bytes = build_router(units)
     return [folder.write(ROUTER_TABLE, table_bytes), folder.write(ROUTER_INDEX, index_bytes)]
