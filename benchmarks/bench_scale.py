@@ -166,6 +166,16 @@ def driver_main(cfg_file: str, out_file: str, num_cpus: int) -> None:
            "TOKENIZERS_PARALLELISM": "false"}
     sampler = _ObjectStoreSampler()
     sampler.start()
+    peak_after: dict[str, float] = {}
+
+    class _PeakAtPhase(logging.Handler):
+        """Records this process's peak RSS so far at the end of each job phase (where the peak arises)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("phase ") and record.args:
+                peak_after[str(record.args[0])] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+    logging.getLogger("jobs.memorize").addHandler(_PeakAtPhase())
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=False,
              include_dashboard=False)
@@ -177,7 +187,8 @@ def driver_main(cfg_file: str, out_file: str, num_cpus: int) -> None:
     Path(out_file).write_text(json.dumps({"stats": stats.to_dict(), "driver_peak_rss_mb": round(peak_kb / 1024, 1),
                                           "object_store_peak_mb": round(sampler.peak_mb, 1),
                                           "spilled_mb": round(sampler.spilled_mb, 1), "store_samples": sampler.samples,
-                                          "ray_start_seconds": round(ray_start, 2)}))
+                                          "ray_start_seconds": round(ray_start, 2),
+                                          "driver_peak_rss_mb_after_phase": peak_after}))
 
 
 def job_config(corpus: Path, store: Path, lm: Path, embedder: Path, args) -> dict:
@@ -216,14 +227,18 @@ def run(args) -> dict:
     gen_seconds = time.perf_counter() - t0
     cfg_file, out_file = work / f"job-{args.tokens}.json", work / f"result-{args.tokens}.json"
     cfg_file.write_text(json.dumps(job_config(corpus, store, lm, emb, args)))
+    # Ray's socket paths must stay under 108 bytes: its temp folder is a short one under /tmp, not inside `work`.
+    ray_tmp = tempfile.mkdtemp(prefix="bsr-", dir="/tmp")
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               RAY_TMPDIR=str(work / "ray"), TOKENIZERS_PARALLELISM="false")
-    (work / "ray").mkdir(exist_ok=True)
+               RAY_TMPDIR=ray_tmp, TOKENIZERS_PARALLELISM="false")
     log = open(work / f"driver-{args.tokens}.log", "wb")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--driver", str(cfg_file), str(out_file),
                            "--num-cpus", str(args.num_cpus)], cwd=REPO, env=env, stdout=log, stderr=log)
     wall = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     if proc.returncode:
         raise SystemExit(f"the job failed ({proc.returncode}); see {work / f'driver-{args.tokens}.log'}")
     res = json.loads(out_file.read_text())
@@ -240,9 +255,11 @@ def run(args) -> dict:
         "tokens_per_s": round(st["tokens"] / total, 1) if total else None,
         "memory_actor_seconds": round(st["memory_seconds"], 2),
         "object_store_peak_mb": res["object_store_peak_mb"], "spilled_mb": res["spilled_mb"],
+        "object_store_samples": res.get("store_samples"),
         "index_build_seconds": phases.get("index"),
         "store_bytes": {d.name: _du(d) for d in sorted(store.iterdir())} if store.exists() else {},
         "corpus_bytes": _du(corpus), "documents": st["documents"], "units": st["units"], "chunks": st["chunks"],
+        "driver_peak_rss_mb_after_phase": res.get("driver_peak_rss_mb_after_phase"),
         "ray_start_seconds": res["ray_start_seconds"], "driver_process_seconds": round(wall, 2),
         "corpus_generation_seconds": round(gen_seconds, 2), "corpus": corpus_info,
         "settings": {"unit_tokens": args.unit_tokens, "ratio": args.ratio, "shards": args.shards,
