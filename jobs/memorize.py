@@ -5,9 +5,14 @@ Run it on a cluster with ``ray job submit -- python -m jobs.memorize --corpus s3
 s3://...``, or locally (a local Ray is started) with ``memorag memorize --corpus ... --collection ...`` or
 ``python -m jobs.memorize ...``. Stages live in :mod:`pipeline`; this module only wires them.
 
-A corpus of at most ``local_prepare_bytes`` is read, validated, packed and sharded in the driver with the same
-stage functions (Ray Data tasks and shuffles cost more than that work); the memory and embed actor pools run on
-Ray in both cases, and both paths publish the same bytes.
+A corpus of at most ``local_prepare_bytes`` is read, validated and packed in the driver with the same stage
+functions (Ray Data tasks and shuffles cost more than that work); the memory and embed actor pools, the index
+training, the shard builds and the router run on Ray in both cases, and both paths publish the same bytes.
+
+Driver memory: besides per-document validation metadata (doc ids, for duplicates and the packing plan), the
+driver holds one small Arrow table of per-unit metadata (ids, sizes, checksums, counts, staged chunk paths), never
+unit texts, gists, embeddings, chunk tables or index shards: shard, index and router files are written by the
+tasks that build them, into the version folder, and only their paths, sizes and sha256 come back.
 
 Resumability: unit memories (``units/<unit_id>/``) and per-unit chunk tables (``staging/chunks/<key>/``) are
 content-addressed and written atomically, so a rerun after a kill at any point skips every finished unit; the
@@ -78,14 +83,18 @@ class _KeepRows:
 
 
 class _Phases:
-    """Logs the wall time of each job phase (INFO)."""
+    """Logs the wall time of each job phase (INFO) and keeps them in ``seconds`` (phase -> seconds)."""
 
-    def __init__(self):
+    def __init__(self, t0: float | None = None):
         self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        if t0 is not None:
+            self.seconds["setup"] = round(self.t - t0, 3)
 
     def __call__(self, name: str) -> None:
         now = time.perf_counter()
         logger.info("phase %s: %.1f s", name, now - self.t)
+        self.seconds[name] = round(now - self.t, 3)
         self.t = now
 
 
@@ -158,11 +167,11 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     from memorag_core.errors import InvalidInputError
     from memorag_core.store import CollectionStore
     from pipeline.chunk_embed import ChunkEmbedStage
-    from pipeline.index import BuildShard, merge_shards, train_index
+    from pipeline.index import BuildShard, build_shards, merge_shards, select_columns, train_index
     from pipeline.memory_stage import MemoryStage
     from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
     from pipeline.read import corpus_nbytes, read_corpus, read_corpus_table
-    from pipeline.router import ROUTER_INDEX, ROUTER_TABLE, build_router
+    from pipeline.router import unique_units, write_router
     from pipeline.validate import ValidateStage, reason_code
 
     t0 = time.perf_counter()
@@ -174,7 +183,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     if not local:
         _init_ray(config)
     stats = JobStats(collection=config.collection)
-    phase = _Phases()
+    phase = _Phases(t0)
 
     # 1-2. read and validate (on the driver for a small corpus: same functions, no Ray Data tasks)
     if local:
@@ -228,95 +237,86 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
         ChunkEmbedStage, fn_constructor_args=(ce, config.store, config.storage_options, mem_cfg.model),
         compute=ActorPoolStrategy(size=ce.concurrency), batch_size=ce.batch_size, num_cpus=ce.num_cpus,
         num_gpus=ce.num_gpus, batch_format="pyarrow")
-    if local:
-        embedded_table = pa.concat_tables([t for t in ray.get(embedded.to_arrow_refs()) if t.num_rows])
-        all_rows = embedded_table.drop_columns(["text", "members"]).to_pylist()
-    else:
-        embedded = embedded.materialize()
-        all_rows = embedded.drop_columns(["text", "members"]).take_all()
+    # The embed stage's blocks stay in the object store (refs); tasks read them. Per-unit metadata only (no text,
+    # gists or embeddings) comes to the driver, as one Arrow table.
+    refs = embedded.to_arrow_refs()
+    groups = max(1, min(len(refs), 2 * int(ray.cluster_resources().get("CPU", 1))))
+    select = ray.remote(select_columns)
+    metas = ray.get([select.remote(_META_COLUMNS, *refs[g::groups]) for g in range(groups)])
+    dims = {int(m.schema.metadata[b"dim"]) for m in metas if m.schema.metadata and b"dim" in m.schema.metadata}
+    meta = pa.concat_tables([m for m in metas if m.num_rows])
+    if len(dims) != 1:
+        raise RuntimeError(f"embed stage blocks disagree on the embedding dimension: {sorted(dims)}")
+    dim = dims.pop()
     phase("memorize+embed")
-    rows = sorted(all_rows, key=lambda r: r["unit_id"])
-    # A unit id repeats only if two groups have the same text (identical documents under different ids).
-    rows = list({r["unit_id"]: r for r in rows}.values())
-    stats.units = len(rows)
-    stats.units_memorized = sum(r["memorized"] for r in rows)
+    meta = unique_units(meta)
+    stats.units = meta.num_rows
+    memorized_mask = meta.column("memorized")
+    stats.units_memorized = int(pc.sum(memorized_mask.cast(pa.int64())).as_py() or 0)
     stats.units_cached = stats.units - stats.units_memorized
-    stats.tokens = sum(r["n_tokens"] for r in rows)
-    stats.tokens_memorized = sum(r["n_tokens"] for r in rows if r["memorized"])
-    stats.units_embedded = sum(r["embedded"] for r in rows)
-    stats.memory_seconds = sum(r["seconds"] for r in rows)
-    stats.chunks = sum(r["n_chunks"] for r in rows)
-    dim = len(rows[0]["gist_embedding"])
+    stats.tokens = int(pc.sum(meta.column("n_tokens")).as_py() or 0)
+    stats.tokens_memorized = int(pc.sum(pc.if_else(memorized_mask, meta.column("n_tokens"), 0)).as_py() or 0)
+    stats.units_embedded = int(pc.sum(meta.column("embedded").cast(pa.int64())).as_py() or 0)
+    stats.memory_seconds = float(pc.sum(meta.column("seconds")).as_py() or 0.0)
+    stats.chunks = int(pc.sum(meta.column("n_chunks")).as_py() or 0)
 
-    # 5. index: train once, shards in parallel, merge
+    # 5. index: train once (a task), shards in parallel tasks that write their own files, optional merge task
     ic = config.index
-    fs = store.fs
+    folder = writer.folder()
     n_train = min(ic.train_sample, stats.chunks)
-    trained = train_index(ic, dim, fs, [r["chunks_path"] for r in rows])
-    build_shard = BuildShard(ic, trained, n_train, config.store, config.storage_options)
-    if local:
-        with_shard = _add_shard(ic.shards)(embedded_table)
-        shard_ids = sorted(set(with_shard.column("shard").to_pylist()))
-        shard_list = [build_shard(with_shard.filter(pc.equal(with_shard.column("shard"), k))).to_pylist()[0]
-                      for k in shard_ids]
-    else:
-        shard_rows = embedded.map_batches(_add_shard(ic.shards), batch_format="pyarrow")
-        shard_list = list(shard_rows.groupby("shard", num_partitions=ic.shards)
-                          .map_groups(build_shard, batch_format="pyarrow").iter_rows())
-    shard_bytes: dict[int, bytes] = {}
-    for s in sorted(shard_list, key=lambda s: s["shard"]):
-        writer.write_bytes(f"chunks/shard-{s['shard']:05d}.parquet", s["chunks_parquet"])
-        writer.write_bytes(f"units/shard-{s['shard']:05d}.parquet", s["units_parquet"])
-        writer.write_bytes(f"index/shard-{s['shard']:05d}.faiss", s["index_bytes"])
-        shard_bytes[s["shard"]] = s["index_bytes"]
+    trained = ray.get(ray.remote(train_index).remote(ic, dim, config.store, config.storage_options,
+                                                     meta.column("chunks_path").to_pylist()))
+    build_shard = BuildShard(ic, trained, n_train, config.store, config.storage_options, folder)
+    shard_list = build_shards(refs, build_shard, ic.shards, groups)
+    for s in shard_list:
+        for f in json.loads(s["files"]):
+            writer.record_file(f["path"], f["sha256"], f["nbytes"])
     if ic.merge:
-        writer.write_bytes("index/merged.faiss", merge_shards(ic, [shard_bytes[k] for k in sorted(shard_bytes)],
-                                                              n_train))
+        shard_index_files = [f"index/shard-{s['shard']:05d}.faiss" for s in shard_list]
+        f = ray.get(ray.remote(merge_shards).remote(ic, folder, shard_index_files, n_train))
+        writer.record_file(f["path"], f["sha256"], f["nbytes"])
 
-    # 6. router, quarantine, publish
+    # 6. router (a task over the gist columns), quarantine, publish
     phase("index")
-    table_bytes, index_bytes = build_router(rows, dim)
-    writer.write_bytes(ROUTER_TABLE, table_bytes)
-    writer.write_bytes(ROUTER_INDEX, index_bytes)
+    router_files = ray.get(ray.remote(write_router).remote(folder, *refs))
+    del refs
+    for f in router_files:
+        writer.record_file(f["path"], f["sha256"], f["nbytes"])
     writer.write_table("quarantine", "quarantine", _quarantine_table(bad))
-    models = {"memory": (rows[0]["model_id"], rows[0]["model_revision"]),
+    first = meta.slice(0, 1).to_pylist()[0]
+    models = {"memory": (first["model_id"], first["model_revision"]),
               "embedder": (ce.embedder or _embedded_embedder(), None)}
+    rows = meta.select(["unit_id", "memory_sha256", "memory_nbytes", "storage_dtype", "n_tokens", "raw_tokens",
+                        "entries"]).to_pylist()
     manifest = build_manifest(
         config_dump=config.model_dump(mode="json", by_alias=True), unit_rows=rows, models=models,
         stats={"documents": stats.documents, "quarantined": stats.quarantined,
                "quarantine_reasons": stats.quarantine_reasons, "units": stats.units, "tokens": stats.tokens,
-               "chunks": stats.chunks, "memory_bytes": sum(int(r["memory_nbytes"]) for r in rows)},
-        extra={"memory_fingerprint": rows[0]["fingerprint"], "dim": dim, "shards": sorted(shard_bytes),
+               "chunks": stats.chunks, "memory_bytes": int(pc.sum(meta.column("memory_nbytes")).as_py() or 0)},
+        extra={"memory_fingerprint": first["fingerprint"], "dim": dim, "shards": [s["shard"] for s in shard_list],
                "index": {"kind": ic.kind, "metric": ic.metric, "merged": ic.merge, "n_train": n_train},
                "router": {"gist": config.router.gist}})
+    del rows
     stats.bytes_written = (sum(f["nbytes"] for f in writer.files.values())
-                           + sum(int(r["memory_nbytes"]) for r in rows if r["memorized"]))
+                           + int(pc.sum(pc.if_else(memorized_mask, meta.column("memory_nbytes"), 0)).as_py() or 0))
     stats.version = writer.publish(manifest)
     phase("router+publish")
     stats.seconds = time.perf_counter() - t0
+    stats.phase_seconds = phase.seconds
     logger.info("published %s/%s\n%s", config.collection, stats.version, stats.table())
     return stats
+
+
+_META_COLUMNS = ["unit_id", "n_tokens", "raw_tokens", "entries", "memory_sha256", "memory_nbytes", "storage_dtype",
+                 "memorized", "embedded", "seconds", "chunks_path", "n_chunks", "fingerprint", "model_id",
+                 "model_revision"]
+"""The embed-stage columns the driver keeps, per unit: small metadata, no unit text, gist or embedding."""
 
 
 def _embedded_embedder() -> str:
     from memorag_core.models import EMBEDDED_EMBEDDER
 
     return EMBEDDED_EMBEDDER
-
-
-class _add_shard:  # noqa: N801 - a batch fn
-    """Batch fn: add the ``shard`` column (hash of the unit id) to embed-stage rows."""
-
-    def __init__(self, shards: int):
-        self.shards = shards
-
-    def __call__(self, batch):
-        import pyarrow as pa
-
-        from pipeline.index import shard_of
-
-        return batch.append_column("shard", pa.array([shard_of(u, self.shards)
-                                                      for u in batch.column("unit_id").to_pylist()], pa.int64()))
 
 
 def build_parser() -> argparse.ArgumentParser:

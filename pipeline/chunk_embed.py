@@ -15,8 +15,10 @@ keeps the unit) reads the file instead of embedding again. Each unit's chunks ar
 ``encode`` call, so a vector never depends on which other units shared the batch: the staged bytes are the same
 whichever run wrote them.
 
-Output rows (``EMBED_OUT_SCHEMA``): the unit's row from the memory stage (minus its text) with ``chunks_path``,
-``n_chunks``, ``embedded`` (False when read from staging) and ``gist_embedding``.
+Output rows (:func:`embed_out_schema`): the unit's row from the memory stage with ``chunks_path``, ``n_chunks``,
+``embedded`` (False when read from staging) and ``gist_embedding``. Embeddings are arrays throughout: the staged
+``embedding`` column and ``gist_embedding`` are ``fixed_size_list<float32>[dim]`` built from the embedder's
+``(n, dim)`` output, never Python lists of floats.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ EMBED_OUT_SCHEMA = pa.schema([
     ("gist_embedding", pa.list_(pa.float32())), ("fingerprint", pa.string()), ("model_id", pa.string()),
     ("model_revision", pa.string()),
 ])
+
+
+def embed_out_schema(dim: int) -> pa.Schema:
+    """:data:`EMBED_OUT_SCHEMA` with ``gist_embedding`` as ``fixed_size_list<float32>[dim]`` (what the stage
+    emits: one Arrow array per column, no Python list per vector)."""
+    i = EMBED_OUT_SCHEMA.get_field_index("gist_embedding")
+    return EMBED_OUT_SCHEMA.set(i, pa.field("gist_embedding", pa.list_(pa.float32(), dim)))
 
 
 def chunk_id_for(unit_id: str, start: int, end: int) -> str:
@@ -125,16 +134,21 @@ class ChunkEmbedStage:
             r["chunk_index"] = i
         vecs = (self.embedder.encode([r["text"] for r in rows], batch_size=self.config.encode_batch_size)
                 if rows else np.zeros((0, self.embedder.dim), np.float32))  # (n_chunks, dim)
+        from pipeline.index import embedding_array
+
+        dim = int(self.embedder.dim)
         schema = pa.schema([("chunk_id", pa.string()), ("doc_id", pa.string()), ("unit_id", pa.string()),
                             ("chunk_index", pa.int32()), ("start", pa.int64()), ("end", pa.int64()),
-                            ("text", pa.string()), ("embedding", pa.list_(pa.float32())),
+                            ("text", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
                             ("doc_start", pa.int64()), ("doc_end", pa.int64()), ("faiss_id", pa.int64())])
-        cols = {name: [r[name] for r in rows] for name in schema.names if name != "embedding"}
-        cols["embedding"] = [v.astype(np.float32) for v in vecs]
+        cols = {name: pa.array([r[name] for r in rows], schema.field(name).type)
+                for name in schema.names if name != "embedding"}
+        cols["embedding"] = embedding_array(np.asarray(vecs, np.float32).reshape(len(rows), dim))  # (n_chunks, dim)
         return pa.Table.from_pydict(cols, schema=schema)
 
-    def process(self, row: dict) -> dict:
-        """Chunk + embed one unit (or read its staged chunks); returns the output row."""
+    def process(self, row: dict) -> tuple[dict, np.ndarray]:
+        """Chunk + embed one unit (or read its staged chunks); returns the output row (without its gist
+        embedding) and the gist embedding ``(dim,)``."""
         unit_id = row["unit_id"]
         path = self.sfs.join(self.dir, f"{unit_id}.parquet")
         embedded = not self.sfs.with_retries(lambda: self.fs.exists(path), what=f"stat {path}")
@@ -146,9 +160,16 @@ class ChunkEmbedStage:
             n = pq.ParquetFile(io.BytesIO(bytes(self.sfs.read_all(self.fs, path)))).metadata.num_rows
         gist_vec = self.embedder.encode([row["gist"] or " "])[0].astype(np.float32)  # (dim,)
         out = {k: row[k] for k in EMBED_OUT_SCHEMA.names if k in row}
-        out.update(chunks_path=path, n_chunks=n, embedded=embedded, gist_embedding=gist_vec)
-        return out
+        out.update(chunks_path=path, n_chunks=n, embedded=embedded)
+        return out, gist_vec
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.process(r) for r in batch.to_pylist()]
-        return pa.Table.from_pylist(rows, schema=EMBED_OUT_SCHEMA)
+        """Unit rows -> ``embed_out_schema(dim)`` rows; the gist embeddings as one ``(units, dim)`` array column."""
+        from pipeline.index import embedding_array
+
+        done = [self.process(r) for r in batch.to_pylist()]
+        schema = embed_out_schema(int(self.embedder.dim))
+        cols = {f.name: pa.array([r[f.name] for r, _ in done], f.type) for f in schema if f.name != "gist_embedding"}
+        gists = np.stack([g for _, g in done]) if done else np.zeros((0, self.embedder.dim), np.float32)
+        cols["gist_embedding"] = embedding_array(gists)  # (units, dim)
+        return pa.table([cols[n] for n in schema.names], schema=schema)

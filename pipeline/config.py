@@ -99,8 +99,11 @@ class IndexStageConfig(_Config):
                                              "unit id, so shards are stable across versions.")
     train_sample: int = Field(20_000, gt=0, description="Embeddings used to train the (shared) quantizer: the "
                                                         "ones with the smallest chunk ids, so it is deterministic.")
-    merge: bool = Field(True, description="Also merge the shards into one index file (index/merged.faiss); "
-                                          "otherwise the shards are served as they are.")
+    merge: bool = Field(False, description="Also merge the shards into one index file (index/merged.faiss, "
+                                           "in one Ray task). The query engine searches the shards and does not "
+                                           "need it; a merged index is for consumers that want one file.")
+    gpu: bool = Field(True, description="Train IVF and add to shards on the GPUs when the installed faiss "
+                                        "(the 'faiss-gpu' extra) sees one; CPU otherwise.")
 
 
 class RouterConfig(_Config):
@@ -134,8 +137,8 @@ class MemorizeJobConfig(_Config):
                                                       "or joins a local Ray as ray.init() does.")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray started by the job (None = all).")
     local_prepare_bytes: int = Field(
-        16 * 2**20, ge=0, description="A corpus of at most this many bytes is read, validated and packed, and its "
-                                      "index shards are built, in the driver process (the same functions, so the "
+        16 * 2**20, ge=0, description="A corpus of at most this many bytes is read, validated and packed "
+                                      "in the driver process (the same functions, so the "
                                       "same output) instead of as Ray Data tasks and shuffles, which cost more than "
                                       "the work on small corpora. Memory and embed actors run on Ray either way. "
                                       "0 always uses Ray Data.")

@@ -5,7 +5,8 @@
 
 1. computes the content-addressed ``unit_id`` = ``unit_id_for(memory.fingerprint(), text)``;
 2. if the store already has ``units/<unit_id>/memory.safetensors`` (an earlier or interrupted run wrote it),
-   reads it back only to get its sha256 and stored gist (resume: nothing is recomputed);
+   reads its sidecar ``memory.json`` (sha256, size, header with the stored gist; a few hundred bytes) instead of
+   the memory (resume: nothing is recomputed or downloaded); without a sidecar it reads the memory once;
 3. otherwise memorizes the text, writes the gist (see below) into the memory header, and writes the file through
    :meth:`CollectionStore.write_unit_memory` (atomic: a killed actor leaves no partial unit).
 
@@ -87,15 +88,22 @@ class MemoryStage:
                     self.fingerprint, time.perf_counter() - t0)
 
     def _cached(self, unit_id: str) -> tuple[str, int, str | None, dict]:
-        """(sha256, nbytes, stored gist or None, header) of an existing unit memory file."""
+        """(sha256, nbytes, stored gist or None, header) of an existing unit memory file: from its small sidecar
+        (``units/<id>/memory.json``); a unit without one (written before sidecars, or killed between the two
+        writes) is read whole once and its sidecar written, so the next resume is cheap."""
         from memorag_core.store import fs as sfs
 
+        info = self.store.unit_memory_info(unit_id)
+        if info is not None:
+            return info["sha256"], info["nbytes"], info["header"].get("gist"), info["header"]
         path = self.store.unit_memory_url(unit_id)
         fs, p = sfs.open_url(path, self.store.storage_options)
         data = sfs.read_all(fs, p)
         meta = json.loads(read_safetensors_metadata(data).get("memorag", "{}"))
         header = meta.get("header", {})
-        return hashlib.sha256(data).hexdigest(), len(data), header.get("gist"), header
+        sha = hashlib.sha256(data).hexdigest()
+        self.store.write_unit_sidecar(unit_id, sha, len(data), meta.get("storage_dtype", "keep"), header)
+        return sha, len(data), header.get("gist"), header
 
     def _gist(self, text: str) -> str:
         if self.router.gist == "cheap":

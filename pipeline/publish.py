@@ -28,6 +28,8 @@ class JobStats:
         chunks: retrieval chunks in the version; ``chunks_embedded`` units embedded by this run.
         bytes_written: bytes this run wrote (unit memories, staged chunks, version files).
         seconds: wall time of the run; ``memory_seconds``: time spent inside memory actors (sum over actors).
+        phase_seconds: wall seconds of each job phase, in order (``setup`` = before the first phase, Ray start
+            included when the corpus is large; ``memorize+embed`` is where the model stages run).
         tokens_per_s: ``tokens_memorized / seconds`` (the job's memorize throughput, end to end).
     """
 
@@ -46,6 +48,7 @@ class JobStats:
     bytes_written: int = 0
     seconds: float = 0.0
     memory_seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:

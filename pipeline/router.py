@@ -22,23 +22,49 @@ from memorag_core.retrieval.router import ROUTER_INDEX, ROUTER_TABLE, UnitRouter
 logger = logging.getLogger(__name__)
 
 
-def build_router(rows: list[dict], dim: int) -> tuple[bytes, bytes]:
-    """Router table and index bytes from unit rows (``unit_id, gist, gist_embedding, n_tokens, doc_ids``)."""
+ROUTER_COLUMNS = ["unit_id", "gist", "gist_embedding", "n_tokens", "doc_ids"]
+"""The embed-stage columns the router is built from."""
+
+
+def build_router(units: pa.Table) -> tuple[bytes, bytes]:
+    """Router table and index bytes from embed-stage unit rows (:data:`ROUTER_COLUMNS`; a unit id seen twice is
+    kept once). The gist embeddings go from their Arrow column to FAISS as one ``(units, dim)`` array."""
     from memorag_core.retrieval import IndexConfig, VectorIndex
     from memorag_core.store.bundle import table_to_parquet
 
     from pipeline.chunk_embed import faiss_id_for
+    from pipeline.index import embedding_matrix
 
-    rows = sorted(rows, key=lambda r: r["unit_id"])
+    units = unique_units(units.select(ROUTER_COLUMNS))
+    unit_ids = units.column("unit_id").to_pylist()
     table = pa.table({
-        "unit_id": pa.array([r["unit_id"] for r in rows], pa.string()),
-        "faiss_id": pa.array([faiss_id_for(r["unit_id"]) for r in rows], pa.int64()),
-        "gist": pa.array([r["gist"] for r in rows], pa.string()),
-        "n_tokens": pa.array([r["n_tokens"] for r in rows], pa.int64()),
-        "doc_ids": pa.array([list(r["doc_ids"]) for r in rows], pa.list_(pa.string())),
+        "unit_id": pa.array(unit_ids, pa.string()),
+        "faiss_id": pa.array([faiss_id_for(u) for u in unit_ids], pa.int64()),
+        "gist": units.column("gist").cast(pa.string()),
+        "n_tokens": units.column("n_tokens").cast(pa.int64()),
+        "doc_ids": units.column("doc_ids").cast(pa.list_(pa.string())),
     })
-    index = VectorIndex(dim, IndexConfig(kind="flat", metric="ip"))
-    if rows:
-        x = np.asarray([r["gist_embedding"] for r in rows], dtype=np.float32)  # (units, dim)
+    x = embedding_matrix(units.column("gist_embedding"))  # (units, dim)
+    index = VectorIndex(x.shape[1], IndexConfig(kind="flat", metric="ip"))
+    if len(x):
         index.add(x, table.column("faiss_id").to_numpy())
     return table_to_parquet(table), index.to_bytes()
+
+
+def unique_units(units: pa.Table) -> pa.Table:
+    """Rows sorted by ``unit_id``, the first row of each id kept (an id repeats only when two groups have the
+    same text: identical documents under different ids)."""
+    units = units.sort_by([("unit_id", "ascending")])
+    ids = units.column("unit_id").to_numpy(zero_copy_only=False)  # (n,) object
+    if len(ids) < 2:
+        return units
+    keep = np.concatenate([[True], ids[1:] != ids[:-1]])  # (n,) bool
+    return units if keep.all() else units.filter(pa.array(keep))
+
+
+def write_router(folder, *blocks: pa.Table) -> list[dict]:
+    """Task body: build the router from the embed stage's Arrow ``blocks`` (:data:`ROUTER_COLUMNS` are read) and
+    write its two files into ``folder`` (a :class:`memorag_core.store.VersionFolder`); returns their entries."""
+    units = pa.concat_tables([b.select(ROUTER_COLUMNS) for b in blocks if b.num_rows])
+    table_bytes, index_bytes = build_router(units)
+    return [folder.write(ROUTER_TABLE, table_bytes), folder.write(ROUTER_INDEX, index_bytes)]

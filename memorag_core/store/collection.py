@@ -7,6 +7,9 @@ Layout under one fsspec root (a local folder, or ``s3://bucket/prefix``)::
     collections/<name>/versions/<v>/<kind>/<n>.parquet chunks, summaries, quarantine, documents, units
     collections/<name>/versions/<v>/index/...          FAISS shards (faiss.serialize_index bytes) and the like
     units/<unit_id>/memory.safetensors                 shared by every version and collection
+    units/<unit_id>/memory.json                        sidecar: the memory header, sha256 and size (written
+                                                       after the memory file, so a resume reads a few hundred
+                                                       bytes instead of downloading the memory)
 
 Publishing (:meth:`VersionWriter.publish`): the version's files are written first, then its manifest, then the
 ``CURRENT`` pointer is replaced, last. Until that last step readers keep seeing the previous version in full;
@@ -55,7 +58,14 @@ from memorag_core.errors import (
 from memorag_core.store import fs as sfs
 from memorag_core.store.bundle import check_relpath, parquet_to_table, table_to_parquet, verify
 from memorag_core.store.memory_file import MemoryFileInfo, MemoryTensors, encode_memory, load_memory
-from memorag_core.store.schemas import TABLE_SCHEMAS, Manifest, conform_table
+from memorag_core.store.schemas import (
+    SCHEMA_VERSION,
+    TABLE_SCHEMAS,
+    UNIT_SIDECAR_FORMAT,
+    Manifest,
+    conform_table,
+    parse_versioned_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +152,54 @@ class CollectionStore:
         return bool(sfs.with_retries(lambda: self.fs.exists(path), what=f"stat {self._u(path)}"))
 
     def write_unit_memory(self, unit_id: str, m: MemoryTensors, storage_dtype: str | None = None) -> MemoryFileInfo:
-        """Write a unit's memory (atomically); returns the info to record in ``Manifest.units[unit_id]``."""
+        """Write a unit's memory (atomically), then its sidecar (:meth:`write_unit_sidecar`); returns the info to
+        record in ``Manifest.units[unit_id]``."""
         path = self._p("units", _check_unit(unit_id), "memory.safetensors")
         data = encode_memory(m, storage_dtype)
         sfs.write_atomic(self.fs, path, data)
-        return MemoryFileInfo(url=self._u(path), sha256=sfs.sha256_hex(data), nbytes=len(data),
+        info = MemoryFileInfo(url=self._u(path), sha256=sfs.sha256_hex(data), nbytes=len(data),
                               storage_dtype=storage_dtype or "keep")
+        self.write_unit_sidecar(unit_id, info.sha256, info.nbytes, info.storage_dtype, m.header)
+        return info
+
+    def write_unit_sidecar(self, unit_id: str, sha256: str, nbytes: int, storage_dtype: str, header: dict) -> None:
+        """Write ``units/<unit_id>/memory.json`` (atomically): the memory's header, sha256, size and storage dtype.
+
+        Written after the memory file, so a sidecar names a memory that exists; a memory without one (an older
+        store, or a kill between the two writes) is read whole by :meth:`unit_memory_info`'s callers instead.
+        Its bytes are a function of the memory's (sorted keys, no time stamp), like the memory file's.
+        """
+        body = {"format": UNIT_SIDECAR_FORMAT, "schema_version": SCHEMA_VERSION, "sha256": sha256,
+                "nbytes": int(nbytes), "storage_dtype": storage_dtype, "header": header}
+        sfs.write_atomic(self.fs, self._p("units", _check_unit(unit_id), "memory.json"),
+                         json.dumps(body, sort_keys=True, allow_nan=False).encode())
+
+    def unit_memory_info(self, unit_id: str) -> dict | None:
+        """A finished unit's sidecar ``{sha256, nbytes, storage_dtype, header}``, or None when it has none.
+
+        Costs one small read and one stat (the memory file's size must equal the sidecar's ``nbytes``), never a
+        download of the memory. A sidecar that is unreadable, of another format, or whose size disagrees with the
+        memory file is ignored (logged) and None is returned: the caller then reads the memory file itself.
+        """
+        side = self._p("units", _check_unit(unit_id), "memory.json")
+        mem = self._p("units", unit_id, "memory.safetensors")
+        try:
+            raw = sfs.with_retries(lambda: self.fs.cat_file(side), what=f"read {self._u(side)}")
+        except ArtifactNotFoundError:
+            return None
+        try:
+            data = parse_versioned_json(raw, self._u(side), UNIT_SIDECAR_FORMAT, "a memory sidecar")
+            info = {"sha256": str(data["sha256"]), "nbytes": int(data["nbytes"]),
+                    "storage_dtype": str(data.get("storage_dtype", "keep")), "header": dict(data["header"])}
+            size = int(sfs.with_retries(lambda: self.fs.info(mem)["size"], what=f"stat {self._u(mem)}"))
+        except (CorruptArtifactError, KeyError, TypeError, ValueError, ArtifactNotFoundError) as exc:
+            logger.warning("ignoring sidecar %s: %s", self._u(side), exc)
+            return None
+        if size != info["nbytes"]:
+            logger.warning("ignoring sidecar %s: it records %d bytes, the memory file has %d", self._u(side),
+                           info["nbytes"], size)
+            return None
+        return info
 
     def read_unit_memory(self, unit_id: str, expected_sha256: str | None = None, **kw: Any) -> MemoryTensors:
         """Load a unit's memory; ``kw`` as :func:`load_memory` (dtype, device). Verifies ``expected_sha256``."""
@@ -459,6 +511,27 @@ class VersionWriter:
         self.files[relpath] = {"sha256": sfs.sha256_hex(data), "nbytes": len(data)}
         return relpath
 
+    def folder(self) -> "VersionFolder":
+        """A small picklable handle through which Ray tasks write files of this (unpublished) version themselves;
+        they return the :meth:`VersionFolder.write` entries, which :meth:`record_file` then lists."""
+        return VersionFolder(self.store.url, self.store.storage_options, self.dir)
+
+    def record_file(self, relpath: str, sha256: str, nbytes: int) -> str:
+        """List a file that a task wrote through :meth:`folder` (its sha256 and size go into the manifest, and
+        readers verify them). Checks only that the file exists with that size (a stat, no download).
+
+        Raises ArtifactNotFoundError (missing) or CorruptArtifactError (another size).
+        """
+        check_relpath(relpath)
+        if self.published:
+            raise InvalidInputError(f"version {self.collection}/{self.version} is already published")
+        path = sfs.join(self.dir, relpath)
+        size = int(sfs.with_retries(lambda: self.store.fs.info(path)["size"], what=f"stat {self.store._u(path)}"))
+        if size != int(nbytes):
+            raise CorruptArtifactError(f"{self.store._u(path)}: {size} bytes, the writer reported {nbytes}")
+        self.files[relpath] = {"sha256": str(sha256), "nbytes": int(nbytes)}
+        return relpath
+
     def write_table(self, kind: str, name: str, table: pa.Table) -> str:
         """Write a table of ``kind`` (chunks|summaries|quarantine|documents|units) as ``<kind>/<name>.parquet``.
 
@@ -503,6 +576,35 @@ class VersionWriter:
         self.published = True
         logger.info("published %s/%s at %s (parent %s)", self.collection, self.version, self.store.url, expected)
         return self.version
+
+
+@dataclass(frozen=True)
+class VersionFolder:
+    """Where the files of one unpublished version go, as plain data (picklable: Ray tasks get it as an argument).
+
+    Tasks write shard files, router files and the like straight into the version folder and return only the
+    small entry of :meth:`write`; nothing large travels back to the driver. Until
+    :meth:`VersionWriter.publish` the files are invisible to readers (no manifest lists them), and a version
+    that is never published is removed by :meth:`CollectionStore.gc`.
+    """
+
+    store_url: str
+    storage_options: dict | None
+    dir: str
+
+    def write(self, relpath: str, data: bytes) -> dict[str, Any]:
+        """Write ``data`` at ``relpath`` (atomically); returns ``{"path", "sha256", "nbytes"}``."""
+        check_relpath(relpath)
+        if relpath == "manifest.json":
+            raise InvalidInputError("manifest.json is written by publish()")
+        fs, _ = sfs.open_url(self.store_url, self.storage_options)
+        sfs.write_atomic(fs, sfs.join(self.dir, relpath), data)
+        return {"path": relpath, "sha256": sfs.sha256_hex(data), "nbytes": len(data)}
+
+    def read(self, relpath: str) -> bytes:
+        """The bytes of a file written into this folder (by :meth:`write`), not verified."""
+        fs, _ = sfs.open_url(self.store_url, self.storage_options)
+        return bytes(sfs.read_all(fs, sfs.join(self.dir, check_relpath(relpath))))
 
 
 class VersionReader:

@@ -37,6 +37,8 @@ BUNDLE_FORMAT = "memorag.bundle"
 """Value of ``format`` in a bundle's ``manifest.json``."""
 VERSION_MANIFEST_FORMAT = "memorag.collection-version"
 """Value of ``format`` in a collection version's ``manifest.json``."""
+UNIT_SIDECAR_FORMAT = "memorag.memory-info"
+"""Value of ``format`` in a unit's ``memory.json`` sidecar (header, sha256 and size of its memory file)."""
 
 
 def _meta(description: str) -> dict[bytes, bytes]:

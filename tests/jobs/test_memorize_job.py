@@ -47,7 +47,7 @@ def job_config(corpus: Path | str, store: str, tiny_lm_dir: Path, **over) -> Mem
                                     "load": {"device": "cpu"}},
                          "concurrency": 1, "num_cpus": 0.5},
         "chunk_embed": {"chunk_tokens": 64, "num_cpus": 0.5},
-        "index": {"shards": 2},
+        "index": {"shards": 2, "merge": True},
         "router": {"gist": "cheap", "gist_chars": 200},
     }
     for k, v in over.items():
