@@ -44,6 +44,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` best scores per row (..., w) -> (..., keep), in increasing order.
+
+    Ties (max-pooling makes plateaus of equal scores) go to the earlier entry, whatever the row's padding: a
+    stable sort, where ``topk`` breaks ties by an order that depends on the tensor's length, so a window read
+    alone and the same window read in a padded batch could keep different entries.
+    """
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(dim=-1).values
+
+
 @dataclass
 class _Row:
     """Reading state of one memory (one row of the layer buffers)."""
@@ -193,6 +203,79 @@ class CompressedKVMemory(Memory):
             if not p:
                 row.source_tokens += w
 
+    @torch.no_grad()
+    def memorize_many(self, texts: list[str | bytes]) -> list["MemoryTensors"]:
+        """Memorize several texts, each its own memory, reading one window of every text per model forward.
+
+        The texts' windows are stacked as the rows of one batch (right-padded to the longest window; memories
+        of unequal length padded and masked), so a GPU reads ``len(texts)`` windows per forward instead of one.
+        Each row gets exactly what :meth:`memorize` would give it alone (equal up to float rounding, tested).
+        A row whose text is read leaves the batch (one copy of the remaining rows). Texts are processed longest
+        first; the result is in the given order. Afterwards this memory holds the last text.
+
+        Returns:
+            per text, its :class:`MemoryTensors` (header with stats; ``stats.seconds`` is the batch's wall time
+            shared by token count).
+        """
+        from memorag_core.memory.config import MemoryStats
+        from memorag_core.prompts import get_prompts
+
+        texts = [check_text(t) for t in texts]
+        if len(texts) <= 1:
+            return super().memorize_many(texts)
+        start_time = time.perf_counter()
+        window, compress = self.config.window, self.config.ratio > 1
+        units = []
+        for text in texts:
+            self.prompts = get_prompts(self.config.language, text)
+            head, body = self.head_ids(), self._encode(text)
+            wins = [(head[s:s + window], False, True) for s in range(0, len(head), window)]
+            wins += [(body[s:s + window], compress, False) for s in range(0, len(body), window)]
+            need = sum(self._keep_count(len(w), c) for w, c, _ in wins)
+            units.append({"prompts": self.prompts, "windows": wins, "row": _Row(), "tokens": len(body),
+                          "need": need})
+        active = sorted(range(len(units)), key=lambda u: -len(units[u]["windows"]))  # batch row -> unit
+        cache = kv_buffer.memory_cache(self._num_layers)
+        taken: dict[int, list[tuple]] = {}
+        step = 0
+        while active:
+            wins = [units[u]["windows"][step] for u in active]
+            self._read_windows(cache, [units[u]["row"] for u in active], [w[0] for w in wins],
+                               [w[1] for w in wins], [w[2] for w in wins])
+            if step == 0:  # one allocation for the whole batch (no growth copies)
+                for layer in cache.layers:
+                    layer.reserve(max(units[u]["need"] for u in active) + window)
+            step += 1
+            done = [j for j, u in enumerate(active) if len(units[u]["windows"]) == step]
+            if not done:
+                continue
+            for j in done:
+                n = units[active[j]]["row"].entries
+                taken[active[j]] = [(layer.k_buf[j:j + 1, :, :n].clone(), layer.v_buf[j:j + 1, :, :n].clone(),
+                                     None if layer.off_buf is None else layer.off_buf[j:j + 1, :, :n].clone())
+                                    for layer in cache.layers]  # each (1, kv_heads, entries, d)
+            keep = [j for j in range(len(active)) if j not in done]
+            if keep:
+                rows = torch.tensor(keep, device=cache.layers[0].k_buf.device)
+                longest = max(units[active[j]]["row"].entries for j in keep)
+                for layer in cache.layers:
+                    layer.select_rows(rows)
+                    layer.set_length(longest)
+            active = [active[j] for j in keep]
+        seconds = time.perf_counter() - start_time
+        total = sum(u["tokens"] for u in units) or 1
+        out = []
+        for u, unit in enumerate(units):
+            self.cache = kv_buffer.memory_cache(self._num_layers)
+            for layer, (k, v, off) in zip(self.cache.layers, taken[u]):
+                layer.adopt(k, v, off)
+            self._row, self.prompts = unit["row"], unit["prompts"]
+            self.stats = MemoryStats(raw_tokens=unit["tokens"], entries=self.entries, nbytes=self._state_nbytes(),
+                                     seconds=seconds * unit["tokens"] / total)
+            out.append(self.export())
+        logger.info("memorized %d texts, %d tokens, in %.1fs (batched)", len(texts), total, seconds)
+        return out
+
     def score(self, window_scores: torch.Tensor, layer_idx: int) -> torch.Tensor:
         """How much each window entry is worth keeping: (b, kv_heads, w) -> (b, kv_heads, w).
 
@@ -217,7 +300,7 @@ class CompressedKVMemory(Memory):
         if window_scores is None:
             idx = torch.arange(keep, device=device)[None, None].expand(rows, heads, keep)  # (b, kv_heads, keep)
         else:
-            idx = window_scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (b, kv_heads, keep)
+            idx = _top(window_scores, keep)  # (b, kv_heads, keep)
             window_k = layer.k_buf[:, :, mem:layer.length]  # (b, kv_heads, w, dk), a view
             window_v = layer.v_buf[:, :, mem:layer.length]
             kept_k = window_k.gather(2, idx[..., None].expand(-1, -1, -1, window_k.shape[-1]))  # (b, h, keep, dk)
@@ -242,7 +325,7 @@ class CompressedKVMemory(Memory):
         device = layer.k_buf.device
         for i, (row, keep, c, src) in enumerate(zip(rows, keeps, compress, sources)):
             if c:
-                idx = window_scores[i:i + 1].topk(keep, dim=-1).indices.sort(dim=-1).values  # (1, kv_heads, keep)
+                idx = _top(window_scores[i:i + 1], keep)  # (1, kv_heads, keep)
             else:
                 idx = torch.arange(keep, device=device)[None, None].expand(1, heads, keep)
             kept_k = layer.k_buf[i:i + 1, :, base:].gather(2, idx[..., None].expand(-1, -1, -1, layer.k_buf.shape[-1]))
