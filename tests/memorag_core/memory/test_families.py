@@ -59,7 +59,17 @@ def _tokenizer():
 
 
 def tiny(name: str, **overrides):
-    """A random-weight 2-layer model of family ``name`` (fp32, weights at std 0.2 so greedy choices are clear)."""
+    """A random-weight 2-layer model of family ``name`` (fp32, weights at std 0.2 so greedy choices are clear);
+    built once per family when there are no overrides."""
+    return _tiny_cached(name) if not overrides else _build(name, **overrides)
+
+
+@functools.cache
+def _tiny_cached(name: str):
+    return _build(name)
+
+
+def _build(name: str, **overrides):
     from transformers import AutoModelForCausalLM
 
     tok = _tokenizer()
@@ -145,11 +155,11 @@ def test_unsupported_models_are_refused_at_construction_naming_the_cause():
     model, tok = tiny("gemma3", attn_logit_softcapping=50.0)
     with pytest.raises(UnsupportedModelError, match="softcapping"):
         build_memory(MemoryConfig(ratio=4, window=64), model, tok)
-    model, tok = tiny("llama")
+    model, tok = _build("llama")
     model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))  # as gpt-oss attention has
     with pytest.raises(UnsupportedModelError, match="sinks"):
         build_memory(MemoryConfig(ratio=4, window=64), model, tok)
-    model, tok = tiny("llama")
+    model, tok = _build("llama")
     del model.model.rotary_emb
     with pytest.raises(UnsupportedModelError, match="no rotary embedding"):
         build_memory(MemoryConfig(ratio=4, window=64), model, tok)
