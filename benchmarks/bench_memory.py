@@ -70,7 +70,8 @@ def mistral_shaped(device: str, layers: int = 32):
 
     config = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                           rope_theta=1e6)
+                           rope_theta=1e6, sliding_window=None)  # v0.2/v0.3: no sliding window (memories refuse one
+    # shorter than themselves, see memorag_core/memory/rope.py)
     with torch.device(device):
         model = MistralForCausalLM(config).to(torch.bfloat16).eval()
     tok = load_tokenizer(None)

@@ -65,3 +65,10 @@ class GeneratorEndpointError(MemoRAGError, RuntimeError):
 
 class PayloadTooLargeError(InvalidInputError):
     """An input is over a size limit (a chat history, a body): HTTP 413 rather than 422."""
+
+
+class UnsupportedModelError(MemoRAGError, ValueError):
+    """A model whose attention or position scheme a KV memory cannot handle correctly (attention sinks, logit
+    softcapping, sliding-window layers shorter than the memory, no rotary embedding to re-rotate kept keys).
+    Raised when the memory is built (or, for limits that depend on the memory's size, before it would be
+    exceeded); the message names what is missing."""

@@ -62,6 +62,10 @@ class MemoryStageConfig(_Config):
                                  description="Memory kind, model and compression settings (memorag_core).")
     concurrency: int = Field(1, gt=0, description="Number of memory actors (one model each).")
     batch_size: int = Field(1, gt=0, description="Units handed to an actor per call.")
+    units_per_forward: int = Field(1, gt=0, description=(
+        "Units an actor memorizes together, one window of each per model forward (Memory.memorize_many; same "
+        "memories as one at a time). 1 (default): one unit at a time. On a GPU, several short units fill the "
+        "device better; takes effect only up to batch_size, the units one call hands the actor."))
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per memory actor (fractional in tests).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per memory actor: 1 on a GPU cluster, 0 on CPU.")
     max_tasks_in_flight: int = Field(1, gt=0, description=(

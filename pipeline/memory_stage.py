@@ -84,6 +84,9 @@ class MemoryStage:
         t0 = time.perf_counter()
         self.memory = build_memory(config.memory)
         self.fingerprint = self.memory.fingerprint()
+        if config.units_per_forward > config.batch_size:
+            logger.warning("units_per_forward=%d > batch_size=%d: an actor gets only batch_size units per call, so "
+                           "at most that many are read together", config.units_per_forward, config.batch_size)
         logger.info("memory actor ready: %s (%s), fingerprint %s, %.1f s", self.memory.model_id, config.memory.kind,
                     self.fingerprint, time.perf_counter() - t0)
 
@@ -116,39 +119,75 @@ class MemoryStage:
 
     def process(self, row: dict) -> dict:
         """Memorize (or find) one unit; returns the output row."""
+        return self.process_many([row])[0]
+
+    def process_many(self, rows: list[dict]) -> list[dict]:
+        """Memorize (or find) units; those not in the store are read ``units_per_forward`` at a time
+        (:meth:`Memory.memorize_many`). Returns the output rows, in order."""
+        out: list[dict | None] = [None] * len(rows)
+        todo = []
+        for i, row in enumerate(rows):
+            unit_id = unit_id_for(self.fingerprint, row["text"])
+            if self.store.has_unit(unit_id):
+                out[i] = self._found(row, unit_id)
+            else:
+                todo.append((i, row, unit_id))
+        k = self.config.units_per_forward
+        for g in range(0, len(todo), k):
+            group = todo[g:g + k]
+            t0 = time.perf_counter()
+            if len(group) == 1:
+                self.memory.reset()
+                self.memory.memorize(group[0][1]["text"])
+                tensors = [self.memory.export()]
+            else:
+                tensors = self.memory.memorize_many([row["text"] for _, row, _ in group])
+            share = (time.perf_counter() - t0) / len(group)
+            for (i, row, unit_id), t in zip(group, tensors):
+                out[i] = self._write(row, unit_id, t, share, in_place=len(group) == 1)
+        return out  # type: ignore[return-value]
+
+    def _found(self, row: dict, unit_id: str) -> dict:
+        """The output row of a unit already in the store (resume: nothing is recomputed)."""
         text = row["text"]
-        unit_id = unit_id_for(self.fingerprint, text)
         t0 = time.perf_counter()
-        if self.store.has_unit(unit_id):
-            sha, nbytes, gist, header = self._cached(unit_id)
-            memorized = False
-            stats = header.get("stats", {})
-            raw_tokens, entries = int(stats.get("raw_tokens", 0)), int(stats.get("entries", 0))
-            if self.router.gist == "cheap":
-                gist = cheap_gist(text, self.router.gist_chars)
-            elif gist is None or header.get("gist_key") != self._gist_key():
-                # Written under another gist setting: generate from the stored memory, without rewriting it.
-                self.memory.import_tensors(self.store.read_unit_memory(unit_id, expected_sha256=sha))
-                gist = self._gist(text)
-        else:
-            self.memory.reset()
-            stats = self.memory.memorize(text)
-            raw_tokens, entries = stats.raw_tokens, stats.entries
+        sha, nbytes, gist, header = self._cached(unit_id)
+        stats = header.get("stats", {})
+        raw_tokens, entries = int(stats.get("raw_tokens", 0)), int(stats.get("entries", 0))
+        if self.router.gist == "cheap":
+            gist = cheap_gist(text, self.router.gist_chars)
+        elif gist is None or header.get("gist_key") != self._gist_key():
+            # Written under another gist setting: generate from the stored memory, without rewriting it.
+            self.memory.import_tensors(self.store.read_unit_memory(unit_id, expected_sha256=sha))
             gist = self._gist(text)
-            tensors = self.memory.export()
-            header = dict(tensors.header)
-            if isinstance(header.get("stats"), dict):
-                header["stats"] = {**header["stats"], "seconds": 0.0, "tokens_per_second": 0.0}
-            if self.router.gist == "summary":
-                header["gist"], header["gist_key"] = gist, self._gist_key()
-            tensors.header = header
-            info = self.store.write_unit_memory(unit_id, tensors, storage_dtype=self.storage_dtype)
-            sha, nbytes, memorized = info.sha256, info.nbytes, True
-        seconds = time.perf_counter() - t0
+        return self._row(row, unit_id, raw_tokens, entries, sha, nbytes, False, time.perf_counter() - t0, gist)
+
+    def _write(self, row: dict, unit_id: str, tensors, seconds: float, in_place: bool) -> dict:
+        """Gist and write one memorized unit (``tensors`` exported by the memory, which holds it if ``in_place``);
+        returns its output row."""
+        t0 = time.perf_counter()
+        text = row["text"]
+        header = dict(tensors.header)
+        stats = header.get("stats") or {}
+        raw_tokens, entries = int(stats.get("raw_tokens", 0)), int(stats.get("entries", 0))
+        if self.router.gist == "summary" and not in_place:
+            self.memory.import_tensors(tensors)  # a unit of a batch: its memory in place (no copy) for the summary
+        gist = self._gist(text)
+        if isinstance(header.get("stats"), dict):
+            header["stats"] = {**header["stats"], "seconds": 0.0, "tokens_per_second": 0.0}
+        if self.router.gist == "summary":
+            header["gist"], header["gist_key"] = gist, self._gist_key()
+        tensors.header = header
+        info = self.store.write_unit_memory(unit_id, tensors, storage_dtype=self.storage_dtype)
+        return self._row(row, unit_id, raw_tokens, entries, info.sha256, info.nbytes, True,
+                         seconds + time.perf_counter() - t0, gist)
+
+    def _row(self, row: dict, unit_id: str, raw_tokens: int, entries: int, sha: str, nbytes: int,
+             memorized: bool, seconds: float, gist: str) -> dict:
         logger.info("unit %s: %s, %d tokens, %.2f s", unit_id[:12], "memorized" if memorized else "cached",
                     raw_tokens, seconds)
         return {
-            "unit_id": unit_id, "pack_key": row["pack_key"], "text": text, "n_tokens": row["n_tokens"],
+            "unit_id": unit_id, "pack_key": row["pack_key"], "text": row["text"], "n_tokens": row["n_tokens"],
             "members": row["members"], "doc_ids": list(row["doc_ids"]), "raw_tokens": raw_tokens,
             "entries": entries, "memory_sha256": sha, "memory_nbytes": nbytes,
             "storage_dtype": self.storage_dtype or "keep", "memorized": memorized, "seconds": seconds,
@@ -157,5 +196,5 @@ class MemoryStage:
         }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [self.process(r) for r in batch.to_pylist()]
+        rows = self.process_many(batch.to_pylist())
         return pa.Table.from_pylist(rows, schema=MEMORY_OUT_SCHEMA)

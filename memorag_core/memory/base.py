@@ -169,6 +169,18 @@ class Memory(ABC):
         self.reset()
         return self.append(text)
 
+    def memorize_many(self, texts: list[str | bytes]) -> list["MemoryTensors"]:
+        """Memorize each text as a memory of its own; return their exported tensors (headers with stats), in order.
+
+        Here one text after another; kinds that can, read several texts per model forward (see
+        :meth:`CompressedKVMemory.memorize_many`). Afterwards this memory holds the last text.
+        """
+        out = []
+        for text in texts:
+            self.memorize(text)
+            out.append(self.export())
+        return out
+
     def append(self, text: str | bytes) -> MemoryStats:
         """Read more text after what is memorized, without re-reading it (conversations, new documents).
 

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from memorag_core.memory import scoring
-from memorag_core.memory.base import Memory
+from memorag_core.errors import UnsupportedModelError
+from memorag_core.memory import kv_buffer, rope, scoring
+from memorag_core.memory.base import Memory, check_text
 from memorag_core.memory.kv_decode import decode_after_cache
 
 if TYPE_CHECKING:
@@ -36,9 +39,28 @@ logger = logging.getLogger(__name__)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The RoPE helper: (..., d) -> (..., d) with halves swapped and the first negated."""
+    """The RoPE helper (half-split layout): (..., d) -> (..., d) with halves swapped and the first negated."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` best scores per row (..., w) -> (..., keep), in increasing order.
+
+    Ties (max-pooling makes plateaus of equal scores) go to the earlier entry, whatever the row's padding: a
+    stable sort, where ``topk`` breaks ties by an order that depends on the tensor's length, so a window read
+    alone and the same window read in a padded batch could keep different entries.
+    """
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :keep].sort(dim=-1).values
+
+
+@dataclass
+class _Row:
+    """Reading state of one memory (one row of the layer buffers)."""
+
+    entries: int = 0  # kept entries per layer and KV head
+    next_position: int = 0  # rotary position of the next token
+    source_tokens: int = 0  # text tokens read so far (offset of the next window's first token)
 
 
 class CompressedKVMemory(Memory):
@@ -48,25 +70,51 @@ class CompressedKVMemory(Memory):
 
     def __init__(self, config, model=None, tokenizer=None) -> None:
         super().__init__(config, model, tokenizer)
+        # Refuse what the memory cannot do correctly on this model (rope.py says what and why).
+        self.support = rope.check_model(self.model, window=config.window,
+                                        needs_rotation=config.positions == "compact" and config.ratio > 1)
         # Our attention implementation records scores for compression and decodes after the memory without
         # copying it (memorag_core/memory/attention.py); otherwise it is plain SDPA.
         self.model.set_attn_implementation(scoring.register())
-        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        max_pos = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         self._max_positions = int(max_pos) if max_pos else None
 
     # -- state --------------------------------------------------------------------------------------------------
-    def _reset_state(self) -> None:
-        from transformers import DynamicCache
+    @property
+    def _num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
 
-        self.cache = DynamicCache()
-        self.entries = 0  # kept entries per layer and KV head
-        self.next_position = 0  # rotary position of the next token
+    def _reset_state(self) -> None:
+        # Per layer: preallocated K/V buffers and the source token offset of every kept entry (attention pointers,
+        # -1 for the uncompressed prompt head), written in place (kv_buffer.py).
+        self.cache = kv_buffer.memory_cache(self._num_layers)
+        self._row = _Row()
         self._warned_range = False
-        # Attention pointers: per layer, the source token offset of every kept entry, (1, kv_heads, entries) int32
-        # (-1 for the uncompressed prompt head). Stored in the memory file as ``extra["offsets.<layer>"]``.
-        self.offsets: list[torch.Tensor] = []
-        self._source_tokens = 0  # text tokens read so far (offset of the next window's first token)
-        self._window_source = -1
+
+    @property
+    def entries(self) -> int:
+        return self._row.entries
+
+    @entries.setter
+    def entries(self, n: int) -> None:
+        self._row.entries = n
+
+    @property
+    def next_position(self) -> int:
+        return self._row.next_position
+
+    @next_position.setter
+    def next_position(self, n: int) -> None:
+        self._row.next_position = n
+
+    @property
+    def offsets(self) -> list[torch.Tensor]:
+        """Per layer, (1, kv_heads, entries) int32 source token offsets of the kept entries (-1: prompt head),
+        on the CPU; ``[]`` when unknown (a file written before pointers) or nothing is memorized."""
+        offs = [layer.offsets for layer in self.cache.layers]
+        if not self.entries or any(o is None for o in offs):
+            return []
+        return [o.cpu() for o in offs]
 
     def _state_entries(self) -> int:
         return self.entries
@@ -76,51 +124,160 @@ class CompressedKVMemory(Memory):
                    if layer.keys is not None)
 
     # -- reading ------------------------------------------------------------------------------------------------
+    def _keep_count(self, w: int, compress: bool) -> int:
+        return math.ceil(w / self.config.ratio) if compress else w
+
     def _ingest(self, token_ids: list[int], *, is_prefix: bool) -> None:
         from tqdm.auto import tqdm
 
         window = self.config.window
+        compress = not is_prefix and self.config.ratio > 1
         starts = range(0, len(token_ids), window)
+        need = self.entries + sum(self._keep_count(min(window, len(token_ids) - s), compress) for s in starts)
+        for layer in self.cache.layers:  # one allocation for the whole text (no growth copies)
+            if layer.k_buf is not None:
+                layer.reserve(need + window)
         bar = tqdm(starts, desc="memorizing", unit="window", disable=is_prefix or not self.show_progress)
         for start in bar:
-            self._window_source = -1 if is_prefix else self._source_tokens
             ids = token_ids[start:start + window]
-            self._read_window(ids, compress=not is_prefix and self.config.ratio > 1)
-            if not is_prefix:
-                self._source_tokens += len(ids)
+            self._read_windows(self.cache, [self._row], [ids], [compress], [is_prefix])
 
     @torch.no_grad()
-    def _read_window(self, ids: list[int], compress: bool) -> None:
-        """Prefill one window after the memory; if ``compress``, keep the best ``ceil(w/ratio)`` entries."""
-        w = len(ids)
-        mem = self.entries
+    def _read_windows(self, cache: Any, rows: list[_Row], windows: list[list[int]], compress: list[bool],
+                      prefix: list[bool]) -> None:
+        """Prefill one window per row after that row's memory; keep its best entries (all if not compressed).
+
+        Rows are right-padded to the longest window; row i's memory holds ``rows[i].entries`` entries and the
+        buffers ``cache.layers[*].length`` (the longest memory); the gap is masked. One row is the plain case.
+        """
+        b = len(rows)
+        ws = [len(w) for w in windows]
+        width = max(ws)
+        base = cache.layers[0].length  # memory entries in the buffers (the longest row's)
         device = self.model.device
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, w)
-        positions = torch.arange(self.next_position, self.next_position + w, device=device)[None]  # (1, w)
-        self._check_range(self.next_position + w)
-        if compress:
-            with scoring.capture_scores(self.config.obs_window) as scores:
-                self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache,
-                           use_cache=True, logits_to_keep=1)
-            keep = math.ceil(w / self.config.ratio)
-            for layer_idx, layer in enumerate(self.cache.layers):
-                window_scores = self.score(scores[layer_idx][:, :, mem:], layer_idx)  # (1, kv_heads, w)
-                kept = self._keep_top(layer, mem, window_scores, keep)  # (1, kv_heads, keep) window offsets
-                self._note_offsets(layer_idx, kept)
-            self.entries = mem + keep
-            self.next_position = self.next_position + (keep if self.config.positions == "compact" else w)
+        for row, w in zip(rows, ws):
+            self._check_range(row.next_position + w)
+        self._check_sliding(base + width)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((b, width), pad, dtype=torch.long)  # (b, w) right-padded
+        for i, w in enumerate(windows):
+            ids[i, :len(w)] = torch.tensor(w, dtype=torch.long)
+        ids = ids.to(device)
+        starts = torch.tensor([r.next_position for r in rows], dtype=torch.long, device=device)
+        positions = starts[:, None] + torch.arange(width, device=device)[None]  # (b, w)
+        padded_mem = any(r.entries != base for r in rows)
+        mask = None
+        if padded_mem:  # memory padding of shorter rows is masked; window padding sits after every real token
+            mask = torch.ones((b, base + width), dtype=torch.long, device=device)  # (b, M + w)
+            for i, r in enumerate(rows):
+                mask[i, r.entries:base] = 0
+        ragged = min(ws) != width
+        forward = dict(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+        if any(compress):
+            lens = torch.tensor(ws, device=device) if ragged else None
+            mem_lens = torch.tensor([r.entries for r in rows], device=device) if padded_mem else None
+            with scoring.capture_scores(self.config.obs_window, start=base, rows=lens, mem_lens=mem_lens) as scores:
+                self.model(**forward)
         else:
-            self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                       logits_to_keep=1)
-            heads = self.cache.layers[0].keys.shape[1]
-            every = torch.arange(w, device=device)[None, None].expand(1, heads, w)  # (1, kv_heads, w)
-            for layer_idx in range(len(self.cache.layers)):
-                self._note_offsets(layer_idx, every)
-            self.entries = mem + w
-            self.next_position += w
+            scores = None
+            self.model(**forward)
+        keeps = [self._keep_count(w, c) for w, c in zip(ws, compress)]
+        sources = [-1 if p else r.source_tokens for r, p in zip(rows, prefix)]
+        uniform = not padded_mem and not ragged and len(set(keeps)) == 1 and len(set(compress)) == 1
+        for layer_idx, layer in enumerate(cache.layers):
+            window_scores = None
+            if scores is not None:
+                window_scores = self.score(scores[layer_idx], layer_idx)  # (b, kv_heads, w)
+                if ragged:
+                    slot = torch.arange(width, device=device)[None, None]
+                    window_scores = window_scores.masked_fill(slot >= torch.tensor(ws, device=device)[:, None, None],
+                                                              float("-inf"))
+            if uniform:
+                self._keep_top(layer, base, window_scores if compress[0] else None, keeps[0], layer_idx, sources)
+            else:
+                self._keep_rows(layer, base, window_scores, rows, keeps, compress, sources, layer_idx)
+        for row, w, keep, c, p in zip(rows, ws, keeps, compress, prefix):
+            row.entries += keep
+            row.next_position += keep if (c and self.config.positions == "compact") else w
+            if not p:
+                row.source_tokens += w
+
+    @torch.no_grad()
+    def memorize_many(self, texts: list[str | bytes]) -> list["MemoryTensors"]:
+        """Memorize several texts, each its own memory, reading one window of every text per model forward.
+
+        The texts' windows are stacked as the rows of one batch (right-padded to the longest window; memories
+        of unequal length padded and masked), so a GPU reads ``len(texts)`` windows per forward instead of one.
+        Each row gets exactly what :meth:`memorize` would give it alone (equal up to float rounding, tested).
+        A row whose text is read leaves the batch (one copy of the remaining rows). Texts are processed longest
+        first; the result is in the given order. Afterwards this memory holds the last text.
+
+        Returns:
+            per text, its :class:`MemoryTensors` (header with stats; ``stats.seconds`` is the batch's wall time
+            shared by token count).
+        """
+        from memorag_core.memory.config import MemoryStats
+        from memorag_core.prompts import get_prompts
+
+        texts = [check_text(t) for t in texts]
+        if len(texts) <= 1:
+            return super().memorize_many(texts)
+        start_time = time.perf_counter()
+        window, compress = self.config.window, self.config.ratio > 1
+        units = []
+        for text in texts:
+            self.prompts = get_prompts(self.config.language, text)
+            head, body = self.head_ids(), self._encode(text)
+            wins = [(head[s:s + window], False, True) for s in range(0, len(head), window)]
+            wins += [(body[s:s + window], compress, False) for s in range(0, len(body), window)]
+            need = sum(self._keep_count(len(w), c) for w, c, _ in wins)
+            units.append({"prompts": self.prompts, "windows": wins, "row": _Row(), "tokens": len(body),
+                          "need": need})
+        active = sorted(range(len(units)), key=lambda u: -len(units[u]["windows"]))  # batch row -> unit
+        cache = kv_buffer.memory_cache(self._num_layers)
+        taken: dict[int, list[tuple]] = {}
+        step = 0
+        while active:
+            wins = [units[u]["windows"][step] for u in active]
+            self._read_windows(cache, [units[u]["row"] for u in active], [w[0] for w in wins],
+                               [w[1] for w in wins], [w[2] for w in wins])
+            if step == 0:  # one allocation for the whole batch (no growth copies)
+                for layer in cache.layers:
+                    layer.reserve(max(units[u]["need"] for u in active) + window)
+            step += 1
+            done = [j for j, u in enumerate(active) if len(units[u]["windows"]) == step]
+            if not done:
+                continue
+            for j in done:
+                n = units[active[j]]["row"].entries
+                taken[active[j]] = [(layer.k_buf[j:j + 1, :, :n].clone(), layer.v_buf[j:j + 1, :, :n].clone(),
+                                     None if layer.off_buf is None else layer.off_buf[j:j + 1, :, :n].clone())
+                                    for layer in cache.layers]  # each (1, kv_heads, entries, d)
+            keep = [j for j in range(len(active)) if j not in done]
+            if keep:
+                rows = torch.tensor(keep, device=cache.layers[0].k_buf.device)
+                longest = max(units[active[j]]["row"].entries for j in keep)
+                for layer in cache.layers:
+                    layer.select_rows(rows)
+                    layer.set_length(longest)
+            active = [active[j] for j in keep]
+        seconds = time.perf_counter() - start_time
+        total = sum(u["tokens"] for u in units) or 1
+        out = []
+        for u, unit in enumerate(units):
+            self.cache = kv_buffer.memory_cache(self._num_layers)
+            for layer, (k, v, off) in zip(self.cache.layers, taken[u]):
+                layer.adopt(k, v, off)
+            self._row, self.prompts = unit["row"], unit["prompts"]
+            self.stats = MemoryStats(raw_tokens=unit["tokens"], entries=self.entries, nbytes=self._state_nbytes(),
+                                     seconds=seconds * unit["tokens"] / total)
+            out.append(self.export())
+        logger.info("memorized %d texts, %d tokens, in %.1fs (batched)", len(texts), total, seconds)
+        return out
 
     def score(self, window_scores: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """How much each window entry is worth keeping: (1, kv_heads, w) -> (1, kv_heads, w).
+        """How much each window entry is worth keeping: (b, kv_heads, w) -> (b, kv_heads, w).
 
         Default: the observation window's attention mass, max-pooled along the sequence so that the neighbours
         of a strongly attended token survive with it. Override this (only this) for another criterion.
@@ -130,43 +287,85 @@ class CompressedKVMemory(Memory):
             window_scores = torch.nn.functional.max_pool1d(window_scores, kernel_size=k, stride=1, padding=k // 2)
         return window_scores
 
-    def _note_offsets(self, layer_idx: int, window_offsets: torch.Tensor) -> None:
-        """Append the source token offsets of a window's kept entries (1, kv_heads, n) to layer ``layer_idx``."""
-        start = self._window_source
-        off = (window_offsets + start if start >= 0 else torch.full_like(window_offsets, -1)).to(torch.int32).cpu()
-        if layer_idx < len(self.offsets):
-            self.offsets[layer_idx] = torch.cat([self.offsets[layer_idx], off], dim=2)  # (1, kv_heads, entries)
-        else:
-            self.offsets.append(off)
+    def _keep_top(self, layer: Any, mem: int, window_scores: torch.Tensor | None, keep: int, layer_idx: int = 0,
+                  sources: list[int] | None = None) -> torch.Tensor:
+        """Every row: replace the layer's window entries (after ``mem``) by the ``keep`` best per KV head, in
+        their original order, written in place over the window; return their window offsets (b, kv_heads, keep).
 
-    def _keep_top(self, layer: Any, mem: int, window_scores: torch.Tensor, keep: int) -> torch.Tensor:
-        """Replace the layer's window entries by the ``keep`` best per KV head, in their original order; return
-        their window offsets (1, kv_heads, keep)."""
-        keys, values = layer.keys, layer.values  # (1, kv_heads, mem + w, d)
-        idx = window_scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (1, kv_heads, keep)
-        gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])  # (1, kv_heads, keep, d)
-        kept_k = keys[:, :, mem:].gather(2, gather)  # (1, kv_heads, keep, d)
-        kept_v = values[:, :, mem:].gather(2, gather)  # (1, kv_heads, keep, d)
-        if self.config.positions == "compact":
-            # Token at window offset idx sat at position next_position + idx; it moves to next_position + rank.
-            delta = torch.arange(keep, device=idx.device) - idx  # (1, kv_heads, keep), <= 0
-            kept_k = self._rerotate(kept_k, delta)
-        layer.keys = torch.cat([keys[:, :, :mem], kept_k], dim=2)  # (1, kv_heads, mem + keep, d)
-        layer.values = torch.cat([values[:, :, :mem], kept_v], dim=2)  # (1, kv_heads, mem + keep, d)
+        ``window_scores`` None keeps the first ``keep`` window entries where they are (an uncompressed window).
+        ``sources``: per row, the source offset of the window's first token (-1: prompt head, offsets -1).
+        """
+        rows, heads = layer.k_buf.shape[:2]
+        device = layer.k_buf.device
+        if window_scores is None:
+            idx = torch.arange(keep, device=device)[None, None].expand(rows, heads, keep)  # (b, kv_heads, keep)
+        else:
+            idx = _top(window_scores, keep)  # (b, kv_heads, keep)
+            window_k = layer.k_buf[:, :, mem:layer.length]  # (b, kv_heads, w, dk), a view
+            window_v = layer.v_buf[:, :, mem:layer.length]
+            kept_k = window_k.gather(2, idx[..., None].expand(-1, -1, -1, window_k.shape[-1]))  # (b, h, keep, dk)
+            kept_v = window_v.gather(2, idx[..., None].expand(-1, -1, -1, window_v.shape[-1]))  # (b, h, keep, dv)
+            if self.config.positions == "compact":
+                # Token at window offset idx sat at position next_position + idx; it moves to next_position + rank.
+                delta = torch.arange(keep, device=device) - idx  # (b, kv_heads, keep), <= 0
+                kept_k = self._rerotate(kept_k, delta, layer_idx)
+            layer.k_buf[:, :, mem:mem + keep] = kept_k  # in place: the memory before ``mem`` is not touched
+            layer.v_buf[:, :, mem:mem + keep] = kept_v
+        if layer.off_buf is not None:
+            src = torch.tensor(sources if sources is not None else [0] * rows, device=device)[:, None, None]
+            layer.off_buf[:, :, mem:mem + keep] = torch.where(src >= 0, idx + src, -1).to(torch.int32)
+        layer.set_length(mem + keep)
         return idx
 
-    def _rerotate(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Rotate RoPE keys (1, kv_heads, n, d) by ``delta`` positions (1, kv_heads, n)."""
-        rotary = self.model.model.rotary_emb
-        _, heads, n, d = keys.shape
-        flat = delta.reshape(1, heads * n)  # (1, heads*n)
-        cos, sin = rotary(keys.reshape(1, heads * n, d), position_ids=flat)  # (1, heads*n, d) each
-        scale = getattr(rotary, "attention_scaling", 1.0) or 1.0  # yarn-style scaling is not part of a rotation
-        cos = (cos / scale).reshape(1, heads, n, d).to(keys.dtype)
-        sin = (sin / scale).reshape(1, heads, n, d).to(keys.dtype)
-        return keys * cos + rotate_half(keys) * sin  # (1, kv_heads, n, d)
+    def _keep_rows(self, layer: Any, base: int, window_scores: torch.Tensor | None, rows: list[_Row],
+                   keeps: list[int], compress: list[bool], sources: list[int], layer_idx: int) -> None:
+        """:meth:`_keep_top` row by row, for rows whose memories or windows differ in length: row i's kept entries
+        move from the window (after ``base``) to right after its own memory (``rows[i].entries``)."""
+        heads = layer.k_buf.shape[1]
+        device = layer.k_buf.device
+        for i, (row, keep, c, src) in enumerate(zip(rows, keeps, compress, sources)):
+            if c:
+                idx = _top(window_scores[i:i + 1], keep)  # (1, kv_heads, keep)
+            else:
+                idx = torch.arange(keep, device=device)[None, None].expand(1, heads, keep)
+            kept_k = layer.k_buf[i:i + 1, :, base:].gather(2, idx[..., None].expand(-1, -1, -1, layer.k_buf.shape[-1]))
+            kept_v = layer.v_buf[i:i + 1, :, base:].gather(2, idx[..., None].expand(-1, -1, -1, layer.v_buf.shape[-1]))
+            if c and self.config.positions == "compact":
+                kept_k = self._rerotate(kept_k, torch.arange(keep, device=device) - idx, layer_idx)
+            m = row.entries
+            layer.k_buf[i:i + 1, :, m:m + keep] = kept_k
+            layer.v_buf[i:i + 1, :, m:m + keep] = kept_v
+            if layer.off_buf is not None:
+                layer.off_buf[i:i + 1, :, m:m + keep] = (idx + src if src >= 0 else torch.full_like(idx, -1)).to(
+                    torch.int32)
+        layer.set_length(max(r.entries + k for r, k in zip(rows, keeps)))
+
+    def _rotation(self) -> rope.KeyRotation:
+        if self.support.rotation is None:
+            self.support.rotation = rope.KeyRotation(self.model)  # e.g. a ratio-1 memory folded by a session
+        return self.support.rotation
+
+    def _rerotate(self, keys: torch.Tensor, delta: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
+        """Rotate RoPE keys (b, kv_heads, n, d) of layer ``layer_idx`` by ``delta`` positions (b, kv_heads, n)."""
+        return self._rotation().rotate(keys, delta, layer_idx)
+
+    def _check_sliding(self, end_entry: int) -> None:
+        sw = self.support.sliding_window
+        if sw is not None and end_entry > sw:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: the memory would reach {end_entry} entries, beyond the sliding "
+                f"window of {sw} tokens of layers {self.support.sliding_layers[:8]}: those layers would silently "
+                "forget the start of the memory; raise the ratio, split the text into smaller units, or use a model "
+                "without sliding-window layers")
 
     def _check_range(self, end_position: int) -> None:
+        rotation = self.support.rotation
+        if rotation is not None and rotation.fixed_until and end_position > rotation.fixed_until:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: positions would reach {end_position}, past "
+                f"original_max_position_embeddings={rotation.fixed_until} where its length-dependent RoPE scaling "
+                "(dynamic/longrope) switches frequencies, so re-rotated keys would no longer match; raise the ratio "
+                "or split the text into smaller units")
         if self._max_positions and end_position > self._max_positions and not self._warned_range:
             self._warned_range = True
             logger.warning(
@@ -180,6 +379,7 @@ class CompressedKVMemory(Memory):
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos |= set(gen_eos) if isinstance(gen_eos, list) else ({gen_eos} if gen_eos is not None else set())
+        self._check_sliding(self.entries + max(len(p) for p in prompts) + max_new_tokens)
         return decode_after_cache(self.model, self.cache, self.next_position, prompts,
                                   max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tok.pad_token_id, **sampling)
 
@@ -196,36 +396,35 @@ class CompressedKVMemory(Memory):
 
         keys = [layer.keys[0] for layer in self.cache.layers]  # each (kv_heads, entries, d)
         values = [layer.values[0] for layer in self.cache.layers]  # each (kv_heads, entries, d)
-        extra = {}
-        if len(self.offsets) == len(keys) and all(o.shape[2] == self.entries for o in self.offsets):
-            extra = {f"offsets.{i}": o[0] for i, o in enumerate(self.offsets)}  # each (kv_heads, entries) int32
+        offsets = self.offsets
+        extra = {f"offsets.{i}": o[0] for i, o in enumerate(offsets)}  # each (kv_heads, entries) int32
         return MemoryTensors(keys=keys, values=values, header=self.header(), extra=extra)
 
     def import_tensors(self, m: "MemoryTensors") -> None:
-        from transformers import DynamicCache
-
         from memorag_core.errors import CorruptArtifactError
 
-        cfg = self.model.config
+        cfg = self.model.config.get_text_config()
         layers = cfg.num_hidden_layers
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         if len(m.keys) != layers or len(m.values) != layers:
             raise CorruptArtifactError(f"memory has {len(m.keys)} layers, the model has {layers}")
         self._restore_header(m.header)
-        cache = DynamicCache()
+        entries = int(m.header["entries"])
         for i, (k, v) in enumerate(zip(m.keys, m.values)):
-            if k.shape != v.shape or k.dim() != 3 or k.shape[0] != kv_heads or k.shape[1] != m.header["entries"]:
+            if k.shape != v.shape or k.dim() != 3 or k.shape[0] != kv_heads or k.shape[1] != entries:
                 raise CorruptArtifactError(
                     f"memory layer {i} has K {tuple(k.shape)} / V {tuple(v.shape)}; expected "
-                    f"({kv_heads}, {m.header['entries']}, head_dim)")
-            cache.update(k[None].to(self.model.device, self.model.dtype),
-                         v[None].to(self.model.device, self.model.dtype), i)
-        self.cache = cache
-        self.entries = int(m.header["entries"])
-        self.next_position = int(m.header["next_position"])
-        self._warned_range = False
+                    f"({kv_heads}, {entries}, head_dim)")
         # files written before attention pointers have no offsets: they load, and pointers are unavailable
         offsets = [m.extra.get(f"offsets.{i}") for i in range(layers)]
-        self.offsets = ([o.to(torch.int32).cpu()[None] for o in offsets]
-                        if all(o is not None and tuple(o.shape) == (kv_heads, self.entries) for o in offsets) else [])
-        self._source_tokens = int(m.header.get("raw_tokens", 0))
+        known = all(o is not None and tuple(o.shape) == (kv_heads, entries) for o in offsets)
+        device, dtype = self.model.device, self.model.dtype
+        cache = kv_buffer.memory_cache(layers)
+        for layer, k, v, o in zip(cache.layers, m.keys, m.values, offsets):
+            # no copy when the tensors already fit (a memory-mapped file on the CPU): appending grows a copy later
+            layer.adopt(k[None].to(device, dtype), v[None].to(device, dtype),
+                        o.to(device=device, dtype=torch.int32)[None] if known else None)
+        self.cache = cache
+        self._row = _Row(entries=entries, next_position=int(m.header["next_position"]),
+                         source_tokens=int(m.header.get("raw_tokens", 0)))
+        self._warned_range = False

@@ -33,17 +33,28 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float | None, generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (b,)
 
 
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Repetition penalty on every row at once: logits (b, vocab), seen (b, vocab) bool."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 @torch.no_grad()
 def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list[list[int]], *,
                        max_new_tokens: int, eos_ids: set[int], pad_id: int, temperature: float = 0.0,
                        top_p: float | None = None, repetition_penalty: float | None = None,
-                       seed: int | None = None) -> list[list[int]]:
+                       seed: int | None = None, stop_check_every: int | None = None) -> list[list[int]]:
     """Generate for each prompt after the memory in ``cache``; the cache is left as it was.
+
+    The loop keeps everything on the model's device: generated tokens go into a preallocated (b, max_new_tokens)
+    tensor, the finished flags stay a device tensor, the attention mask is preallocated at its final width and
+    passed as a growing view, and the repetition penalty is a (b, vocab) mask. The host reads the device only to
+    stop early (every ``stop_check_every`` steps: 1 on CPU, where reading is free, 8 on accelerators) and once at
+    the end.
 
     Args:
         model: a Hugging Face causal LM whose attention implementation is ``memorag_sdpa``
             (:func:`memorag_core.memory.attention.register`).
-        cache: a batch-1 DynamicCache with M entries per layer, each (1, kv_heads, M, head_dim).
+        cache: a batch-1 cache with M entries per layer, each ``.layers[i].keys`` (1, kv_heads, M, head_dim).
         next_position: rotary position of the first prompt token.
         prompts: token ids per prompt (any lengths; left-padded into one batch).
         max_new_tokens: most tokens generated per prompt; decoding stops early once every row hit an EOS id.
@@ -68,40 +79,44 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
         qmask[i, width - len(p):] = 1
     ids, qmask = ids.to(device), qmask.to(device)
     positions = next_position + (qmask.cumsum(dim=1) - 1).clamp(min=0)  # (b, L)
-    attn = torch.cat([torch.ones((batch, mem_len), dtype=torch.long, device=device), qmask], dim=1)  # (b, M+L)
+    attn = torch.ones((batch, mem_len + width + max_new_tokens), dtype=torch.long, device=device)  # (b, M+L+N)
+    attn[:, mem_len:mem_len + width] = qmask
     work = attention.tail_cache(cache, capacity=width + max_new_tokens,
                                 num_layers=model.config.get_text_config().num_hidden_layers)
-    gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-    out: list[list[int]] = [[] for _ in range(batch)]
-    done = torch.zeros(batch, dtype=torch.bool)
-    seen = [set(p) for p in prompts] if repetition_penalty and repetition_penalty != 1.0 else None
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    penalize = bool(repetition_penalty) and repetition_penalty != 1.0
+    seen = None
+    if penalize:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        seen = torch.zeros((batch, vocab), dtype=torch.long, device=device).scatter_add_(1, ids, qmask) > 0
+        # (b, vocab) bool: the prompt's own tokens (padding not counted)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)  # (n_eos,)
+    out = torch.full((batch, max(max_new_tokens, 1)), pad_id, dtype=torch.long, device=device)  # (b, N)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)  # (b,)
+    every = stop_check_every or (1 if device.type == "cpu" else 8)
+    steps = 0
     with attention.shared_prefix(work):
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=work,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, vocab)
+        logits = model(input_ids=ids, attention_mask=attn[:, :mem_len + width], position_ids=positions,
+                       past_key_values=work, use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, vocab)
         cur = positions[:, -1] + 1  # (b,)
-        for _ in range(max_new_tokens):
-            if seen is not None:
-                for i, toks in enumerate(seen):
-                    if toks:
-                        idx = torch.tensor(sorted(toks), device=logits.device)
-                        row = logits[i, idx]
-                        logits[i, idx] = torch.where(row > 0, row / repetition_penalty, row * repetition_penalty)
-            nxt = _pick(logits, temperature, top_p, gen).cpu()  # (b,)
-            for i in range(batch):
-                if done[i]:
-                    continue
-                tok = int(nxt[i])
-                if tok in eos_ids:
-                    done[i] = True
-                else:
-                    out[i].append(tok)
-                    if seen is not None:
-                        seen[i].add(tok)
-            if bool(done.all()):
+        for step in range(max_new_tokens):
+            if penalize:
+                logits = _penalize(logits, seen, repetition_penalty)
+            nxt = _pick(logits, temperature, top_p, gen)  # (b,)
+            nxt = torch.where(done, pad_id, nxt)  # finished rows feed padding
+            out[:, step] = nxt
+            done = done | torch.isin(nxt, eos)
+            steps = step + 1
+            if penalize:
+                seen.scatter_(1, nxt[:, None], True)
+            if steps == max_new_tokens or (steps % every == 0 and bool(done.all())):
                 break
-            nxt = torch.where(done, torch.tensor(pad_id), nxt).to(device)
-            attn = torch.cat([attn, torch.ones((batch, 1), dtype=torch.long, device=device)], dim=1)  # (b, +1)
-            logits = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=cur[:, None],
-                           past_key_values=work, use_cache=True).logits[:, -1].float()  # (b, vocab)
+            logits = model(input_ids=nxt[:, None], attention_mask=attn[:, :mem_len + width + steps],
+                           position_ids=cur[:, None], past_key_values=work, use_cache=True).logits[:, -1].float()
             cur = cur + 1
-    return out
+    rows = out[:, :steps].tolist()  # the one read of the generated tokens
+    result = []
+    for row in rows:
+        cut = next((j for j, t in enumerate(row) if t in eos_ids), len(row))
+        result.append(row[:cut])
+    return result

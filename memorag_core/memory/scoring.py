@@ -30,39 +30,82 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
     """Inside :func:`capture_scores`, store the layer's attention mass of the last ``obs`` queries; else nothing.
 
     Shapes: query (b, heads, q_len, d); key (b, kv_heads, k_len, d) (memory + window, already rotated).
-    Records ``scores[layer_idx]`` of shape (b, kv_heads, k_len): softmax attention of the last ``obs`` queries,
-    summed over those queries and averaged over the query heads that share each KV head.
+    Records ``scores[layer_idx]`` of shape (b, kv_heads, k_len - start): softmax attention of the last ``obs``
+    queries to the keys from ``start`` on, summed over those queries and averaged over the query heads that share
+    each KV head. Keys before ``start`` (the memory, when a window is scored) enter only the softmax normalizer.
+
+    No copy of the keys: the queries are grouped per KV head, (b, kv_heads, group * obs, d), and multiplied with
+    the keys as stored; keys before ``start`` are read in chunks (a bounded float32 temporary even for bf16 keys
+    and memories of millions of entries), keeping a running log-sum-exp.
+
+    Batched rows (``rows`` given to the capture): row i has ``rows[i]`` real queries, right-padded, and
+    ``mem_lens[i]`` valid memory entries before the window (the rest up to the window is padding, masked).
     """
     capture = _active()
     if capture is None:
         return
-    obs = min(capture["obs"], query.shape[2])
     b, heads, q_len, d = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    q = query[:, :, -obs:, :].float()  # (b, heads, obs, d)
-    k = key.float().repeat_interleave(group, dim=1)  # (b, heads, k_len, d)
+    past = k_len - q_len  # keys before this call's queries
+    start = min(capture["start"], k_len)
+    obs = min(capture["obs"], q_len)
+    device = query.device
+    r = torch.arange(obs, device=device)
+    lens = capture.get("rows")  # (b,) real queries per row, or None: all q_len
+    weight = None
+    if lens is None:
+        qpos = (q_len - obs + r).expand(b, obs)  # (b, obs) window slot of each observed query
+        q = query[:, :, -obs:, :]  # (b, heads, obs, d)
+    else:
+        qpos = lens.to(device)[:, None] - obs + r  # (b, obs)
+        weight = (qpos >= 0).float()  # (b, obs): rows shorter than obs observe fewer queries
+        qpos = qpos.clamp(min=0)
+        q = query.gather(2, qpos[:, None, :, None].expand(b, heads, obs, d))  # (b, heads, obs, d)
+    q = q.float().reshape(b, kv_heads, group * obs, d)  # (b, kv_heads, g*obs, d), heads are kv-major
     scale = scaling if scaling is not None else d**-0.5
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (b, heads, obs, k_len)
-    # Causality among the observed queries: query r (r-th of the last obs) sees keys <= k_len - obs + r.
-    rows = torch.arange(obs, device=key.device)[:, None]  # (obs, 1)
-    cols = torch.arange(k_len, device=key.device)[None, :]  # (1, k_len)
-    future = cols > (k_len - obs + rows)  # (obs, k_len)
-    logits = logits.masked_fill(future, float("-inf"))
-    probs = logits.softmax(dim=-1)  # (b, heads, obs, k_len)
-    mass = probs.sum(dim=2)  # (b, heads, k_len)
-    capture["scores"][module.layer_idx] = mass.view(b, kv_heads, group, k_len).mean(dim=2)  # (b, kv_heads, k_len)
+    mem_lens = capture.get("mem_lens")  # (b,) valid entries before the window, or None: all valid
+    future_base = (past + qpos)[:, None, :].expand(b, group, obs).reshape(b, 1, group * obs, 1)  # (b,1,g*obs,1)
+
+    def logits(c0: int, c1: int) -> torch.Tensor:
+        """(b, kv_heads, g*obs, c1 - c0) masked attention logits of the observed queries to keys [c0, c1)."""
+        kc = key[:, :, c0:c1]  # (b, kv_heads, n, d), a view
+        lg = torch.matmul(q, kc.transpose(-1, -2).to(q.dtype)) * scale  # (b, kv_heads, g*obs, n)
+        cols = torch.arange(c0, c1, device=device)  # (n,)
+        if mem_lens is not None and c0 < past:
+            pad = (cols[None, :] >= mem_lens.to(device)[:, None]) & (cols[None, :] < past)  # (b, n)
+            lg = lg.masked_fill(pad[:, None, None, :], float("-inf"))
+        if c1 > past:  # causality: query at slot t sees keys up to past + t
+            lg = lg.masked_fill(cols[None, None, None, :] > future_base, float("-inf"))
+        return lg
+
+    lse = None
+    chunk = max(256, (1 << 24) // max(1, b * heads * obs))
+    for c0 in range(0, start, chunk):
+        part = logits(c0, min(start, c0 + chunk)).logsumexp(dim=-1)  # (b, kv_heads, g*obs)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    lg = logits(start, k_len)  # (b, kv_heads, g*obs, k_len - start)
+    part = lg.logsumexp(dim=-1)
+    lse = part if lse is None else torch.logaddexp(lse, part)
+    probs = (lg - lse[..., None]).exp().view(b, kv_heads, group, obs, k_len - start)
+    if weight is not None:
+        probs = probs * weight[:, None, None, :, None]
+    capture["scores"][module.layer_idx] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, k_len - start)
 
 
 @contextlib.contextmanager
-def capture_scores(obs: int) -> Iterator[dict[int, torch.Tensor]]:
+def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
+                   mem_lens: torch.Tensor | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, every ``memorag_sdpa`` call stores its layer's scores into the yielded dict.
 
     Args:
         obs: number of last query positions whose attention is summed (the observation window).
+        start: score only keys from this index on (the window after a memory); earlier keys only normalize.
+        rows: (b,) real query tokens per row of a right-padded batch (None: every row is full).
+        mem_lens: (b,) valid memory entries per row before the window (None: all; the rest is padding).
     """
     scores: dict[int, torch.Tensor] = {}
-    _state.capture = {"obs": obs, "scores": scores}
+    _state.capture = {"obs": obs, "scores": scores, "start": start, "rows": rows, "mem_lens": mem_lens}
     try:
         yield scores
     finally:

@@ -11,6 +11,13 @@ fp32) unless 8-bit storage is chosen:
 Both dequantize on load to the original dtype recorded in the header (or ``dtype=``). Scales cost 4 bytes per
 (head, entry), i.e. 1/16 of a head_dim-64 row stored in 8 bits.
 
+Keys (``key_scales``): rotated keys have outlier channels (a few rotary frequencies carry most of the magnitude),
+so one absmax per row spends the 8 bits on them. ``"channel"`` first divides each key channel by its absmax over
+the layer's entries, per head (``layers.<i>.key_channel_scale``, (kv_heads, 1, head_dim) float32), then quantizes
+per (head, entry) as above: ``x ~= q * s_entry * c_channel``. ``"token"`` is the per-(head, entry) scheme alone
+(files written before this option). Values are always per (head, entry). Loading handles both (a file without
+channel scales is a per-token file). Measured in benchmarks/bench_int8_keys.py (docs/memory.md).
+
 Saving is atomic (temporary file + rename locally, a single S3 object otherwise) and returns the sha256 and
 size, which callers record in a manifest; loading verifies them when given. Local files are memory-mapped
 (copy-on-write, so the tensors are writable and the file is never modified): loading a memory costs page-ins,
@@ -109,6 +116,15 @@ def _validate(m: MemoryTensors) -> torch.dtype:
     return dtype
 
 
+KEY_SCALES = ("channel", "token")
+DEFAULT_KEY_SCALES = "channel"
+
+
+def _channel_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per-(head, channel) absmax of x (heads, entries, dim) over the entries: (heads, 1, dim) float32."""
+    return x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 def _quantize(x: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor]:
     """x (heads, entries, dim) -> (q same shape in 8 bits, scale (heads, entries, 1) float32)."""
     xf = x.float()  # (heads, entries, dim)
@@ -119,17 +135,24 @@ def _quantize(x: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor
     return y.clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 
-def encode_memory(m: MemoryTensors, storage_dtype: str | None = None) -> bytes:
+def encode_memory(m: MemoryTensors, storage_dtype: str | None = None, key_scales: str | None = None) -> bytes:
     """Serialize a memory to safetensors bytes (see the module docstring for the layout).
 
+    Args:
+        key_scales: 8-bit storage of keys: ``"channel"`` (default: per-channel then per-entry scales) or
+            ``"token"`` (per-entry scales only). Ignored when the dtype is kept.
+
     Raises:
-        InvalidInputError: bad shapes/dtypes, an unknown storage_dtype, or a header that is not JSON.
+        InvalidInputError: bad shapes/dtypes, an unknown storage_dtype or key_scales, or a header that is not JSON.
     """
     from safetensors.torch import save
 
     storage = storage_dtype or "keep"
     if storage not in STORAGE_DTYPES:
         raise InvalidInputError(f"storage_dtype {storage_dtype!r} is not one of None, 'int8', 'fp8'")
+    key_scales = key_scales or DEFAULT_KEY_SCALES
+    if key_scales not in KEY_SCALES:
+        raise InvalidInputError(f"key_scales {key_scales!r} is not one of {KEY_SCALES}")
     dtype = _validate(m)
     tensors: dict[str, torch.Tensor] = {}
     for i, (k, v) in enumerate(zip(m.keys, m.values)):
@@ -138,6 +161,10 @@ def encode_memory(m: MemoryTensors, storage_dtype: str | None = None) -> bytes:
             if storage == "keep":
                 tensors[f"layers.{i}.{part}"] = t.contiguous()  # (kv_heads, entries, head_dim)
             else:
+                if part == "key" and key_scales == "channel" and t.shape[1]:
+                    channel = _channel_scale(t)  # (kv_heads, 1, head_dim)
+                    tensors[f"layers.{i}.key_channel_scale"] = channel.contiguous()
+                    t = t.float() / channel  # every channel in [-1, 1]: outliers no longer set the row scale
                 q, scale = _quantize(t, storage)
                 tensors[f"layers.{i}.{part}"] = q.contiguous()  # (kv_heads, entries, head_dim) 8-bit
                 tensors[f"layers.{i}.{part}_scale"] = scale.contiguous()  # (kv_heads, entries, 1)
@@ -201,7 +228,10 @@ def decode_memory(buf: torch.Tensor, what: str, *, dtype: torch.dtype | None = N
             t = tensor(f"layers.{i}.{part}")  # (kv_heads, entries, head_dim)
             if head.storage_dtype != "keep":
                 scale = tensor(f"layers.{i}.{part}_scale")  # (kv_heads, entries, 1) float32
-                t = (t.float() * scale).to(out_dtype)  # (kv_heads, entries, head_dim)
+                t = t.float() * scale  # (kv_heads, entries, head_dim)
+                if part == "key" and f"layers.{i}.key_channel_scale" in meta:
+                    t = t * tensor(f"layers.{i}.key_channel_scale")  # (kv_heads, 1, head_dim) float32
+                t = t.to(out_dtype)
             elif t.dtype != out_dtype:
                 t = t.to(out_dtype)
             dest.append(t.to(device) if device != "cpu" else t)
@@ -210,7 +240,7 @@ def decode_memory(buf: torch.Tensor, what: str, *, dtype: torch.dtype | None = N
 
 
 def save_memory(m: MemoryTensors, url: str, *, storage_dtype: str | None = None,
-                storage_options: dict | None = None) -> MemoryFileInfo:
+                storage_options: dict | None = None, key_scales: str | None = None) -> MemoryFileInfo:
     """Write a memory file atomically (readers never see a half-written file) and return its sha256 and size.
 
     Args:
@@ -221,7 +251,7 @@ def save_memory(m: MemoryTensors, url: str, *, storage_dtype: str | None = None,
         InvalidInputError: bad tensors/header/storage_dtype. StoreAccessError / StoreUnavailableError /
         ArtifactNotFoundError (missing bucket): the write failed, naming the url; nothing was replaced.
     """
-    data = encode_memory(m, storage_dtype)
+    data = encode_memory(m, storage_dtype, key_scales)
     fs, path = sfs.open_url(url, storage_options)
     sfs.write_atomic(fs, path, data)
     info = MemoryFileInfo(url=sfs.url_of(fs, path), sha256=sfs.sha256_hex(data), nbytes=len(data),

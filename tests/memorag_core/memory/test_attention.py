@@ -116,3 +116,37 @@ def test_decode_names_a_wrong_attention_implementation(tiny):
             decode_after_cache(model, DynamicCache(), 0, [[1, 2]], max_new_tokens=2, eos_ids=set(), pad_id=0)
     finally:
         model.set_attn_implementation(attention.register())
+
+
+def test_vectorized_repetition_penalty_equals_generate(tiny):
+    from transformers import DynamicCache
+
+    model, tok = tiny
+    model.set_attn_implementation(attention.register())
+    prompt = tok("The cupboard under the stairs was dark", add_special_tokens=False).input_ids
+    got = decode_after_cache(model, DynamicCache(), 0, [prompt], max_new_tokens=10, eos_ids=set(),
+                             pad_id=tok.pad_token_id, repetition_penalty=1.8)
+    ids = torch.tensor([prompt])
+    want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                          min_new_tokens=10, repetition_penalty=1.8,
+                          pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    assert got == [want]
+
+
+def test_checking_for_eos_every_k_steps_gives_the_same_tokens(tiny, shared_data_dir):
+    model, tok = tiny
+    book = (shared_data_dir / "harry_potter.txt").read_text(encoding="utf-8")
+    mem = build_memory(MemoryConfig(ratio=4, window=128), model, tok)
+    mem.memorize(book[:1500])
+    prompts = [mem.task_ids(p.format(question="Who is Dudley?")) for p in (mem.prompts.qa, mem.prompts.span)]
+    free = decode_after_cache(model, mem.cache, mem.next_position, prompts, max_new_tokens=12, eos_ids=set(),
+                              pad_id=tok.pad_token_id)
+    eos = {free[0][3], free[1][6]}  # rows stop at different steps
+    one = decode_after_cache(model, mem.cache, mem.next_position, prompts, max_new_tokens=12, eos_ids=eos,
+                             pad_id=tok.pad_token_id, stop_check_every=1)
+    four = decode_after_cache(model, mem.cache, mem.next_position, prompts, max_new_tokens=12, eos_ids=eos,
+                              pad_id=tok.pad_token_id, stop_check_every=4)
+    assert one == four
+    for row, ref in zip(one, free):
+        cut = next(j for j, t in enumerate(ref) if t in eos)
+        assert row == ref[:cut]

@@ -139,9 +139,9 @@ def test_captured_scores_match_eager_attention(tiny):
 def test_selection_keeps_the_highest_scored_entries(tiny):
     mem = make(tiny, ratio=4, pool_kernel=1)
     # one layer with 2 kv heads, 8 window entries after 3 memory entries
-    from transformers.cache_utils import DynamicLayer
+    from memorag_core.memory.kv_buffer import memory_layer
 
-    layer = DynamicLayer()
+    layer = memory_layer()
     keys = torch.arange(11 * 2 * 4, dtype=torch.float32).view(1, 2, 11, 4)
     layer.update(keys.clone(), keys.clone() + 1000)
     scores = torch.tensor([[[0.1, 0.9, 0.2, 0.3, 0.8, 0.0, 0.1, 0.2], [0.5, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.6]]])

@@ -26,22 +26,44 @@ def test_roundtrip_keeps_dtype_shapes_header_and_extra(backend, dtype):
     assert r.extra["token_ids"].dtype == torch.int64 and torch.equal(r.extra["token_ids"], m.extra["token_ids"])
 
 
+@pytest.mark.parametrize("key_scales", ["channel", "token"])
 @pytest.mark.parametrize("storage,tol", [("int8", 0.5 / 127), ("fp8", 0.07)])
-def test_8bit_storage_dequantizes_within_bound(backend, storage, tol):
+def test_8bit_storage_dequantizes_within_bound(backend, storage, tol, key_scales):
     m = make_memory(dtype=torch.bfloat16, entries=(40, 40, 40), dim=64)
     url = backend.url(f"m-{storage}.safetensors")
-    info = save_memory(m, url, storage_dtype=storage, storage_options=backend.storage_options)
+    info = save_memory(m, url, storage_dtype=storage, storage_options=backend.storage_options, key_scales=key_scales)
     full = save_memory(m, backend.url("full.safetensors"), storage_options=backend.storage_options)
     assert info.nbytes < 0.6 * full.nbytes  # 8 bits + fp32 scale per (head, entry) vs 16 bits
     r = load_memory(url, expected_sha256=info.sha256, storage_options=backend.storage_options)
     assert r.keys[0].dtype == torch.bfloat16  # the original dtype from the header
-    for a, b in zip(m.keys + m.values, r.keys + r.values):
+    for i, (a, b) in enumerate(zip(m.keys + m.values, r.keys + r.values)):
         a32, b32 = a.float(), b.float()
-        absmax = a32.abs().amax(dim=-1, keepdim=True)  # (heads, entries, 1)
+        if i < len(m.keys) and key_scales == "channel":
+            # keys: each channel divided by its absmax c over the entries, then per-row absmax of the result
+            c = a32.abs().amax(dim=1, keepdim=True)  # (heads, 1, dim)
+            bound = (a32 / c).abs().amax(dim=-1, keepdim=True) * c  # (heads, entries, dim)
+        else:
+            bound = a32.abs().amax(dim=-1, keepdim=True)  # (heads, entries, 1)
         # relative to each row's absmax: int8 rounds to 1/254, e4m3 keeps 3 mantissa bits (+ bf16 output rounding)
-        assert ((a32 - b32).abs() / absmax).max() <= tol + 2 ** -8
+        assert ((a32 - b32).abs() / bound).max() <= tol + 2 ** -8
     r32 = load_memory(url, dtype=torch.float32, storage_options=backend.storage_options)
     assert r32.values[2].dtype == torch.float32
+
+
+def test_per_token_key_files_keep_the_old_layout_and_load(tmp_path):
+    from safetensors import safe_open
+
+    m = make_memory(dtype=torch.float32, entries=(40, 40, 40), dim=64)
+    m.keys[0][:, :, 3] *= 30.0  # an outlier channel, as rotated keys have
+    errs = {}
+    for scheme in ("token", "channel"):
+        url = str(tmp_path / f"{scheme}.safetensors")
+        save_memory(m, url, storage_dtype="int8", key_scales=scheme)
+        with safe_open(url, "pt") as f:
+            assert ("layers.0.key_channel_scale" in f.keys()) == (scheme == "channel")
+        r = load_memory(url)
+        errs[scheme] = float((r.keys[0] - m.keys[0]).norm() / m.keys[0].norm())
+    assert errs["channel"] < errs["token"]
 
 
 def test_local_load_is_memory_mapped_copy_on_write(tmp_path):

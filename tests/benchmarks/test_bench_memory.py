@@ -1,0 +1,23 @@
+"""The GPU benchmark's code path (Mistral-7B-shaped model) runs on the CPU with one layer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_gpu_mistral_path_runs_on_cpu_with_one_layer(tmp_path):
+    from bench_memory import main
+
+    out = tmp_path / "r.json"
+    assert main(["--gpu-mistral", "--device", "cpu", "--mistral-layers", "1", "--tokens", "160", "--ratios", "1",
+                 "4", "--window", "64", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows[1:3]] == ["full_kv", "compressed_kv"]
+    assert rows[2]["entries"] < rows[1]["entries"]
