@@ -34,20 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         from ray import serve
         from ray.serve.llm import LLMConfig, build_openai_app
 
+        from memorag_core.generators.vllm_engine import CPU_ENGINE_DEFAULTS, CPU_ENV_DEFAULTS
         from memorag_core.models import embedded_lm_path
 
         model = str(embedded_lm_path())
         out["stage"] = "ray.init"
         ray.init(num_cpus=args.cpus + 3, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"VLLM_TARGET_DEVICE": "cpu", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-                                           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+                                           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                           **CPU_ENV_DEFAULTS}})
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         config = LLMConfig(
             model_loading_config={"model_id": "smollm2", "model_source": model},
             placement_group_config={"bundles": [{"CPU": args.cpus}]},
             deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
+            # the project's vLLM CPU settings (memorag_core/generators/vllm_engine.py): vLLM's default reserves 92%
+            # of the node's memory for the KV cache on CPU and refuses to start beside anything else
             engine_kwargs={"enforce_eager": True, "max_model_len": 2048, "dtype": "bfloat16",
-                           "distributed_executor_backend": "uni"},
+                           "distributed_executor_backend": "uni", **CPU_ENGINE_DEFAULTS},
         )
         out["stage"] = "serve.run"
         serve.run(build_openai_app({"llm_configs": [config]}), name="llm", route_prefix="/", blocking=False)
