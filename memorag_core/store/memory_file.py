@@ -117,7 +117,7 @@ def _validate(m: MemoryTensors) -> torch.dtype:
 
 
 KEY_SCALES = ("channel", "token")
-DEFAULT_KEY_SCALES = "channel"
+DEFAULT_KEY_SCALES = "channel"  # measured: keys 2.7x closer, worst channel 10x (docs/memory.md)
 
 
 def _channel_scale(x: torch.Tensor) -> torch.Tensor:
@@ -139,8 +139,8 @@ def encode_memory(m: MemoryTensors, storage_dtype: str | None = None, key_scales
     """Serialize a memory to safetensors bytes (see the module docstring for the layout).
 
     Args:
-        key_scales: 8-bit storage of keys: ``"channel"`` (default: per-channel then per-entry scales) or
-            ``"token"`` (per-entry scales only). Ignored when the dtype is kept.
+        key_scales: 8-bit storage of keys: ``"channel"`` (per-channel then per-entry scales) or ``"token"``
+            (per-entry scales only); None = ``DEFAULT_KEY_SCALES``. Ignored when the dtype is kept.
 
     Raises:
         InvalidInputError: bad shapes/dtypes, an unknown storage_dtype or key_scales, or a header that is not JSON.
