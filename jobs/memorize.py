@@ -171,7 +171,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     from pipeline.memory_stage import MemoryStage
     from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
     from pipeline.read import corpus_nbytes, read_corpus, read_corpus_table
-    from pipeline.router import unique_units, write_router
+    from pipeline.router import ROUTER_COLUMNS, unique_units, write_router
     from pipeline.validate import ValidateStage, reason_code
 
     t0 = time.perf_counter()
@@ -241,8 +241,10 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     # gists or embeddings) comes to the driver, as one Arrow table.
     refs = embedded.to_arrow_refs()
     groups = max(1, min(len(refs), 2 * int(ray.cluster_resources().get("CPU", 1))))
-    select = ray.remote(select_columns)
-    metas = ray.get([select.remote(_META_COLUMNS, *refs[g::groups]) for g in range(groups)])
+    select = ray.remote(select_columns).options(num_returns=2)
+    selected = [select.remote([_META_COLUMNS, ROUTER_COLUMNS], *refs[g::groups]) for g in range(groups)]
+    metas = ray.get([m for m, _ in selected])
+    router_parts = [r for _, r in selected]  # gist columns, for the router task; never fetched here
     dims = {int(m.schema.metadata[b"dim"]) for m in metas if m.schema.metadata and b"dim" in m.schema.metadata}
     meta = pa.concat_tables([m for m in metas if m.num_rows])
     if len(dims) != 1:
@@ -278,8 +280,8 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
 
     # 6. router (a task over the gist columns), quarantine, publish
     phase("index")
-    router_files = ray.get(ray.remote(write_router).remote(folder, *refs))
-    del refs
+    router_files = ray.get(ray.remote(write_router).remote(folder, *router_parts))
+    del refs, router_parts
     for f in router_files:
         writer.record_file(f["path"], f["sha256"], f["nbytes"])
     writer.write_table("quarantine", "quarantine", _quarantine_table(bad))

@@ -303,14 +303,20 @@ def build_shards(block_refs: list, build_shard: BuildShard, shards: int, groups:
     return [r for r in rows if r is not None]
 
 
-def select_columns(columns: list[str], *blocks: pa.Table) -> pa.Table:
-    """Task body: ``columns`` of the non-empty ``blocks``, concatenated, with the dimension of ``gist_embedding``
-    (when present in the blocks) in the schema metadata under ``dim``."""
+def select_columns(column_sets: list[list[str]], *blocks: pa.Table) -> list[pa.Table]:
+    """Task body (``num_returns=len(column_sets)``): for each list of columns, those columns of the non-empty
+    ``blocks``, concatenated; tables holding ``gist_embedding`` carry its dimension in the schema metadata under
+    ``dim``. Lets one pass over the blocks feed the driver (small metadata) and the router task (gist columns)
+    without either fetching unit texts."""
     tables = [b for b in blocks if b.num_rows]
-    if not tables:
-        return pa.table({c: pa.array([], pa.null()) for c in columns})
-    dim = None
-    if "gist_embedding" in tables[0].column_names:
-        dim = tables[0].schema.field("gist_embedding").type.list_size
-    out = pa.concat_tables([t.select(columns) for t in tables])
-    return out.replace_schema_metadata({b"dim": str(dim).encode()}) if dim is not None else out
+    out = []
+    for columns in column_sets:
+        if not tables:
+            out.append(pa.table({c: pa.array([], pa.null()) for c in columns}))
+            continue
+        t = pa.concat_tables([b.select(columns) for b in tables])
+        if "gist_embedding" in tables[0].column_names:
+            t = t.replace_schema_metadata({b"dim": str(tables[0].schema.field("gist_embedding").type.list_size)
+                                           .encode()})
+        out.append(t)
+    return out

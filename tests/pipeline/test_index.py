@@ -111,3 +111,23 @@ def test_shards_write_their_files_and_the_version_verifies_them(tmp_path, kind):
     w2.folder().write("index/x.faiss", b"abc")
     with pytest.raises(CorruptArtifactError):
         w2.record_file("index/x.faiss", "0" * 64, 4)
+
+
+def test_split_by_shard_and_select_columns_task_bodies():
+    """The bodies of the split and selection tasks: every unit lands in the shard of its id; the driver's table and
+    the router's table come from one pass, with the embedding dimension in the schema metadata."""
+    from pipeline.index import _split_by_shard, select_columns
+
+    ids = [f"{k:02x}" * 6 + "cd" * 10 for k in range(10)]
+    block = pa.table({"unit_id": ids, "chunks_path": [f"p{k}" for k in range(10)], "doc_ids": [["d"]] * 10,
+                      "text": ["t"] * 10, "n_tokens": list(range(10)), "members": ["[]"] * 10,
+                      "gist": ["g"] * 10, "gist_embedding": embedding_array(np.ones((10, 4), np.float32))})
+    parts = _split_by_shard(3, block.slice(0, 4), block.slice(4), block.slice(0, 0))
+    assert len(parts) == 3 and sum(p.num_rows for p in parts) == 10
+    for k, p in enumerate(parts):
+        assert all(shard_of(u, 3) == k for u in p.column("unit_id").to_pylist())
+        assert p.column("shard").to_pylist() == [k] * p.num_rows
+    assert _split_by_shard(1, block).num_rows == 10
+    meta, router = select_columns([["unit_id", "n_tokens"], ["unit_id", "gist_embedding"]], block, block.slice(0, 0))
+    assert meta.column_names == ["unit_id", "n_tokens"] and meta.num_rows == 10
+    assert router.schema.metadata[b"dim"] == b"4" and embedding_matrix(router.column("gist_embedding")).shape == (10, 4)
