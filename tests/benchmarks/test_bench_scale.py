@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the whole job on a fresh Ray, ~2 min; the job's code paths run in tests/jobs/test_memorize_job.py
 def test_bench_scale_tiny_corpus(tmp_path, shared_data_dir):
     env = dict(os.environ, PYTHONPATH=str(REPO), MEMORAG_SHARED_DATA=str(shared_data_dir))
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_scale.py"), "--tokens", "30000",

@@ -94,6 +94,7 @@ def test_bad_inputs_name_the_cause(pipe, tiny_lm_dir, book, tmp_path):
     assert not fresh.is_ready
 
 
+@pytest.mark.slow  # ~1 min; the facade's calls are tested one by one above
 def test_upstream_readme_code_runs_with_names_changed(tiny_lm_dir, book, tmp_path, monkeypatch):
     """The upstream README's snippets, with the import line and model names changed (tiny models for speed)."""
     monkeypatch.chdir(tmp_path)
