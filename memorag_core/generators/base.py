@@ -187,7 +187,8 @@ class Generator(ABC):
         outputs = self._generate(batch, config)
         if len(outputs) != len(batch):  # a backend bug, not a user error
             raise RuntimeError(f"{type(self).__name__} returned {len(outputs)} answers for {len(batch)} prompts")
-        return [truncate_at_stop(o, config.stop) for o in outputs]
+        # a token budget can end inside a multi-byte character (Chinese text): every backend drops the partial one
+        return [truncate_at_stop(o.rstrip("\ufffd"), config.stop) for o in outputs]
 
     def stream(self, prompt: str, max_new_tokens: int | None = None, **overrides: Any) -> Iterator[str]:
         """Yield the answer to one prompt in text pieces; joined, they equal ``generate(prompt)[0]``.

@@ -109,9 +109,7 @@ class HFGenerator(Generator):
             with torch.inference_mode():
                 out = self.model.generate(**enc, **kwargs)  # (batch, prompt_len + new)
             new_tokens = out[:, enc["input_ids"].shape[1]:]  # (batch, new)
-            # a token budget can end inside a multi-byte character: drop the partial character
-            texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            answers.extend(t.rstrip("\ufffd") for t in texts)
+            answers.extend(self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         return answers
 
     def _stream(self, prompt: str, config: GenerationConfig) -> Iterator[str]:

@@ -155,12 +155,10 @@ class SessionConfig:
                 raise InvalidInputError(f"session {name} must be > 0")
         for name in ("max_turns", "max_bytes", "ratio", "window", "max_answer_chars", "max_history_messages",
                      "max_history_chars", "standalone_tokens", "recall_tokens", "user_every", "user_max_entries",
-                     "user_max_bytes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InvalidInputError(f"session {name} must be an integer >= 1, got {v!r}")
-        if isinstance(self.user_pointed, bool) or not isinstance(self.user_pointed, int) or self.user_pointed < 0:
-            raise InvalidInputError(f"session user_pointed must be an integer >= 0, got {self.user_pointed!r}")
+                     "user_max_bytes", "user_pointed"):
+            v, low = getattr(self, name), 0 if name == "user_pointed" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InvalidInputError(f"session {name} must be an integer >= {low}, got {v!r}")
 
 
 @dataclass
