@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import re
@@ -472,8 +471,7 @@ def _rerotate(memory, keys, delta: int, layer_idx: int):
         return keys
     heads, n, _ = keys.shape
     d = torch.full((1, heads, n), int(delta), dtype=torch.long, device=keys.device)  # (1, kv_heads, n)
-    kwargs = {"layer_idx": layer_idx} if "layer_idx" in inspect.signature(fn).parameters else {}
-    return fn(keys[None], d, **kwargs)[0]  # (kv_heads, n, d)
+    return fn(keys[None], d, layer_idx=layer_idx)[0]  # (kv_heads, n, d)
 
 
 def fold_oldest(memory, tensors, state: ConversationState, n_turns: int):
