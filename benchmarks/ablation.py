@@ -140,12 +140,32 @@ def run_rows(records, arrays, examples, corpora, embed, plan_cfg, budget, rows, 
     return out
 
 
+def pool_range(caches: list[str], pool_start: int | None, pool: int | None) -> tuple[int, int]:
+    """(first question, number of questions) of the pooled memory the caches were decoded against; every cache
+    must hold the same pool, and explicit ``--pool-start``/``--pool`` must match it."""
+    ranges = set()
+    for d in caches:
+        cfg = json.loads((Path(d) / "config.json").read_text())
+        if cfg.get("setting") != "pooled":
+            raise SystemExit(f"{d}: not a pooled cache (setting {cfg.get('setting')!r})")
+        ranges.add((cfg.get("pool_start", 0), cfg["pool"]))
+    if len(ranges) != 1:
+        raise SystemExit(f"pooled caches hold different pools (start, size): {sorted(ranges)}")
+    p0, n = ranges.pop()
+    if (pool_start is not None and pool_start != p0) or (pool is not None and pool != n):
+        raise SystemExit(f"pooled: --pool-start {pool_start} --pool {pool} differ from the caches' memory "
+                         f"(pool_start {p0}, pool {n})")
+    return p0, n
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="../shared/data/hotpotqa_dev_300.jsonl")
     ap.add_argument("--cache", nargs="+", required=True)
     ap.add_argument("--setting", choices=("per_question", "pooled"), required=True)
-    ap.add_argument("--pool", type=int, default=20)
+    ap.add_argument("--pool", type=int, default=None, help="pooled: N questions' passages (default: the cache's)")
+    ap.add_argument("--pool-start", type=int, default=None,
+                    help="pooled: first question of the pool (default: the cache's)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--budgets", type=int, nargs="+", default=[3, 5])
     ap.add_argument("--tune", action="store_true", help="grid-search fusion weights and pointer layers")
@@ -165,6 +185,8 @@ def main(argv=None) -> None:
     from memorag_core.retrieval.fusion import FusionConfig
     from memorag_core.retrieval.queries import PlanConfig
 
+    if args.setting == "pooled":
+        p0, n_pool = pool_range(args.cache, args.pool_start, args.pool)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records, arrays = load_cache(args.cache)
@@ -176,8 +198,8 @@ def main(argv=None) -> None:
     vec_dir = out.parent / "chunk_vecs"
     corp: dict[str, Corpus] = {}
     if args.setting == "pooled":
-        pool = Corpus(pooled_passages(all_examples[:args.pool]), embedder, chunker, size,
-                      vec_dir / f"pool{args.pool}_{size}.npz")
+        pool = Corpus(pooled_passages(all_examples[p0:p0 + n_pool]), embedder, chunker, size,
+                      vec_dir / f"pool{p0}_{n_pool}_{size}.npz")
 
         def corpora(qid):
             return pool

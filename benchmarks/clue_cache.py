@@ -69,7 +69,8 @@ def main(argv=None) -> None:
     ap.add_argument("--setting", choices=("per_question", "pooled"), required=True)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--stop", type=int, default=100)
-    ap.add_argument("--pool", type=int, default=100, help="pooled: the first N questions' passages")
+    ap.add_argument("--pool", type=int, default=100, help="pooled: the passages of N questions from --pool-start")
+    ap.add_argument("--pool-start", type=int, default=0, help="pooled: first question of the pool (100 = held-out)")
     ap.add_argument("--ratio", type=int, default=None, help="default 4 per question, 32 pooled")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--clue-tokens", type=int, default=64)
@@ -89,11 +90,14 @@ def main(argv=None) -> None:
     if records.exists():
         done = {json.loads(line)["id"] for line in records.read_text().splitlines() if line.strip()}
     examples = load_examples(args.dataset)
+    if args.setting == "pooled" and not (args.pool_start <= args.start and args.stop <= args.pool_start + args.pool):
+        raise SystemExit(f"pooled: questions {args.start}-{args.stop} lie outside the pool "
+                         f"{args.pool_start}-{args.pool_start + args.pool}; their passages would not be memorized")
     ratio = args.ratio or (4 if args.setting == "per_question" else 32)
     memory = build_memory(ratio, args.window)
     (out / "config.json").write_text(json.dumps({**vars(args), "ratio": ratio}, indent=1))
     if args.setting == "pooled":
-        passages = pooled_passages(examples[:args.pool])
+        passages = pooled_passages(examples[args.pool_start:args.pool_start + args.pool])
         context = join_passages(passages)
         path = out / "pooled_memory.safetensors"
         t = time.perf_counter()

@@ -128,6 +128,24 @@ def kept_share(memory, token_mask: np.ndarray) -> float:
     return float(np.nanmean(shares))
 
 
+def summarize(recs: list[dict], criteria: list[str]) -> dict[str, dict]:
+    """Mean of each measure per criterion over the questions that *every* criterion finished (paired, so no row's
+    mean holds an easier question set), and on how many of them the criterion's gold log-likelihood beats snapkv's."""
+    finished = {(x["id"], x["criterion"]) for x in recs}
+    common = {x["id"] for x in recs if all((x["id"], name) in finished for name in criteria)}
+    recs = [x for x in recs if x["id"] in common]
+    summary = {}
+    for name in criteria:
+        rs = [x for x in recs if x["criterion"] == name]
+        summary[name] = {k: float(np.mean([x[k] for x in rs])) if rs else float("nan")
+                         for k in ("ll", "span_recall", "rest_recall", "entries", "seconds")} | {"n": len(rs)}
+    base = {x["id"]: x["ll"] for x in recs if x["criterion"] == "snapkv"}
+    for name in criteria:
+        pairs = [(x["ll"], base[x["id"]]) for x in recs if x["criterion"] == name and x["id"] in base]
+        summary[name]["ll_wins_vs_snapkv"] = sum(a > b + 1e-6 for a, b in pairs)
+    return summary
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="../shared/data/hotpotqa_dev_300.jsonl")
@@ -146,7 +164,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "records.jsonl"
-    done = {(r["id"], r["criterion"]) for r in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+    done = set()
+    if path.exists():
+        done = {(r["id"], r["criterion"]) for r in map(json.loads, path.read_text().splitlines())}
     model, tok = load_causal_lm(None)
     rows = [json.loads(line) for line in open(args.dataset)][: args.n]
     for r in rows:
@@ -184,16 +204,7 @@ def main(argv=None) -> None:
                 fh.write(json.dumps(rec) + "\n")
             logger.info("%s", rec)
     recs = [json.loads(line) for line in path.read_text().splitlines()]
-    summary = {}
-    for name in args.criteria:
-        rs = [x for x in recs if x["criterion"] == name]
-        summary[name] = {k: float(np.mean([x[k] for x in rs])) for k in ("ll", "span_recall", "rest_recall",
-                                                                          "entries", "seconds")} | {"n": len(rs)}
-    # paired comparison with the default: on how many questions is the criterion's ll higher
-    base = {x["id"]: x["ll"] for x in recs if x["criterion"] == "snapkv"}
-    for name in args.criteria:
-        pairs = [(x["ll"], base[x["id"]]) for x in recs if x["criterion"] == name and x["id"] in base]
-        summary[name]["ll_wins_vs_snapkv"] = sum(a > b + 1e-6 for a, b in pairs)
+    summary = summarize(recs, args.criteria)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("| criterion | n | gold LL/token | gold span kept | other kept | entries | memorize s |")
     print("|---|---|---|---|---|---|---|")
