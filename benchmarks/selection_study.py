@@ -69,26 +69,27 @@ class ProbeMemory(CompressedKVMemory):
     """Scores a window by the attention of a generic probe appended after it (then drops the probe)."""
 
     @torch.no_grad()
-    def _read_window(self, ids, compress):
-        if not compress:
-            return super()._read_window(ids, compress)
+    def _read_windows(self, cache, rows, windows, compress, prefix):
+        if len(rows) != 1 or not compress[0]:  # the prompt head, or a batch: as the base class
+            return super()._read_windows(cache, rows, windows, compress, prefix)
+        row, ids = rows[0], windows[0]
         probe = self._encode(PROBE)
         w, p = len(ids), len(probe)
-        mem = self.entries
+        base = cache.layers[0].length  # memory entries before this window
         device = self.model.device
-        input_ids = torch.tensor([ids + probe], dtype=torch.long, device=device)  # (1, w + p)
-        positions = torch.arange(self.next_position, self.next_position + w + p, device=device)[None]
-        with scoring.capture_scores(p) as scores:
-            self.model(input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True,
-                       logits_to_keep=1)
-        crop_to(self.cache, mem + w)  # drop the probe's entries
-        keep = math.ceil(w / self.config.ratio)
-        for layer_idx, layer in enumerate(self.cache.layers):
-            window_scores = self.score(scores[layer_idx][:, :, mem:mem + w], layer_idx)  # (1, kv_heads, w)
-            kept = self._keep_top(layer, mem, window_scores, keep)
-            self._note_offsets(layer_idx, kept)
-        self.entries = mem + keep
-        self.next_position = self.next_position + (keep if self.config.positions == "compact" else w)
+        x = torch.tensor([ids + probe], dtype=torch.long, device=device)  # (1, w + p)
+        positions = torch.arange(row.next_position, row.next_position + w + p, device=device)[None]  # (1, w + p)
+        self._check_range(row.next_position + w + p)
+        with scoring.capture_scores(p, start=base) as scores:  # the probe's attention over the window
+            self.model(input_ids=x, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        keep = self._keep_count(w, True)
+        for layer_idx, layer in enumerate(cache.layers):
+            layer.set_length(base + w)  # drop the probe's entries
+            window_scores = self.score(scores[layer_idx][..., :w], layer_idx)  # (1, kv_heads, w)
+            self._keep_top(layer, base, window_scores, keep, layer_idx, [row.source_tokens])
+        row.entries += keep
+        row.next_position += keep if self.config.positions == "compact" else w
+        row.source_tokens += w
 
 
 CRITERIA = {"snapkv": (CompressedKVMemory, {}), "recent": (RecentMemory, {}), "strided": (StridedMemory, {}),

@@ -118,3 +118,31 @@ def test_selection_summary_is_paired_over_questions_every_criterion_finished():
     assert s["probe"]["span_recall"] == pytest.approx(0.2)
     assert s["probe"]["ll_wins_vs_snapkv"] == 1
     assert s["snapkv"]["ll_wins_vs_snapkv"] == 0
+
+
+def test_every_selection_criterion_keeps_its_own_entries(tiny_lm_dir):
+    """Each criterion must change what is kept (a subclass hook that the memory no longer calls would silently
+    measure the default twice), keep the same number of entries, and leave a memory that answers."""
+    import torch
+
+    from memorag_core.memory import MemoryConfig
+    from memorag_core.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(tiny_lm_dir))
+    text = " ".join(f"Fact {i}: the {w} river flows past town {i * 7}." for i, w in
+                    enumerate(["red", "blue", "green", "amber", "grey", "black"] * 5))
+    kept = {}
+    for name, (cls, extra) in selection_study.CRITERIA.items():
+        cfg = MemoryConfig.for_kind(kind="compressed_kv", model=None, ratio=4, window=64, positions="compact",
+                                    **{**extra, **({"obs_window": 64} if "obs_window" in extra else {})})
+        memory = cls(cfg, model=model, tokenizer=tok)
+        memory.memorize(text)
+        kept[name] = (memory.entries, torch.cat([o.flatten() for o in memory.offsets]))
+        assert memory.cache.layers[0].length == memory.entries  # the probe's entries were dropped
+        assert np.isfinite(selection_study.gold_loglik(memory, "Which river is red?", "Fact 0: the red river"))
+    entries = {n for n, _ in kept.values()}
+    assert len(entries) == 1, kept
+    base = kept["snapkv"][1]
+    for name, (_, offsets) in kept.items():
+        if name != "snapkv":
+            assert not torch.equal(offsets, base), f"{name} keeps exactly snapkv's entries"
