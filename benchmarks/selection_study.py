@@ -17,6 +17,7 @@ Criteria (a subclass each; only ``score`` or the scoring pass differs):
 ``strided``  every ``ratio``-th entry (uniform coverage)
 ``random``   uniformly random entries (fixed seed)
 ``allq``     attention mass summed over *all* the window's queries (obs_window = window), max-pooled
+``obs128``/``obs256``  the default with a longer observation window (128 / 256 of the window's last queries)
 ``probe``    a fixed generic probe ("What are the key facts, names, dates and numbers in this text?") appended
              after the window for scoring only; its attention mass picks the entries, then it is dropped
 
@@ -94,7 +95,8 @@ class ProbeMemory(CompressedKVMemory):
 
 CRITERIA = {"snapkv": (CompressedKVMemory, {}), "recent": (RecentMemory, {}), "strided": (StridedMemory, {}),
             "random": (RandomMemory, {}), "allq": (CompressedKVMemory, {"obs_window": 1024}),
-            "probe": (ProbeMemory, {})}
+            "probe": (ProbeMemory, {}), "obs128": (CompressedKVMemory, {"obs_window": 128}),
+            "obs256": (CompressedKVMemory, {"obs_window": 256})}
 
 
 @torch.no_grad()
