@@ -1,10 +1,10 @@
 """``CompressedKVMemory``: training-free compressed KV memory for any Hugging Face causal LM.
 
 The text is prefilled in windows of ``window`` tokens. Each window attends to the memory so far plus itself;
-then, per layer and per KV head, the ``ceil(w / ratio)`` window entries that the window's last ``obs_window``
-tokens attend to most are kept and the rest is forgotten (SnapKV-style scoring, see ``scoring.py``). The
-memory after n windows therefore holds ``prefix + sum ceil(w_i / ratio)`` entries per layer and KV head,
-whatever the text length.
+then, per layer and per KV head, the ``ceil(w / ratio)`` window entries that the window's tokens (all of them by
+default; the last ``obs_window`` when set, as SnapKV does) attend to most are kept and the rest is forgotten
+(see ``scoring.py``; the rule was chosen by benchmarks/selection_study.py). The memory after n windows therefore
+holds ``prefix + sum ceil(w_i / ratio)`` entries per layer and KV head, whatever the text length.
 
 Positions. With ``positions="original"`` a kept key keeps the rotary position of its token, so the next token
 sits at position T (raw tokens read). That pushes long texts past the model's trained range (SmolLM2: 8192).
@@ -177,7 +177,8 @@ class CompressedKVMemory(Memory):
         if any(compress):
             lens = torch.tensor(ws, device=device) if ragged else None
             mem_lens = torch.tensor([r.entries for r in rows], device=device) if padded_mem else None
-            with scoring.capture_scores(self.config.obs_window, start=base, rows=lens, mem_lens=mem_lens) as scores:
+            obs = self.config.obs_window or width  # 0: every query of the window scores its entries
+            with scoring.capture_scores(obs, start=base, rows=lens, mem_lens=mem_lens) as scores:
                 self.model(**forward)
         else:
             scores = None

@@ -32,8 +32,10 @@ class MemoryConfig:
         "compression ratio: each window of W raw tokens keeps ceil(W/ratio) KV entries per layer and KV head "
         "(upstream's beacon_ratio); 1 keeps everything"))
     window: int = field(default=1024, metadata=_help("tokens prefilled per step; selection happens per window"))
-    obs_window: int = field(default=32, metadata=_help(
-        "the last tokens of each window whose attention scores the window's entries (SnapKV's observation window)"))
+    obs_window: int = field(default=0, metadata=_help(
+        "which of each window's tokens score its entries by their attention: 0 = all of them (the default, the "
+        "best-measured rule, benchmarks/selection_study.py); N > 0 = the last N (SnapKV's observation window; "
+        "32 was the default before, about half the memorize time on small CPU models)"))
     pool_kernel: int = field(default=5, metadata=_help(
         "odd width of the max-pool smoothing of scores along the sequence (1 = none): keeps neighbours of "
         "strongly attended tokens, so kept entries form short runs rather than isolated tokens"))
@@ -66,8 +68,9 @@ class MemoryConfig:
             raise InvalidInputError(f"memory ratio must be an integer >= 1, got {self.ratio!r}")
         if self.kind == "full_kv" and self.ratio != 1:
             raise InvalidInputError(f"kind full_kv keeps every entry: ratio must be 1, got {self.ratio}")
-        if self.window < 1 or self.obs_window < 1:
-            raise InvalidInputError(f"window and obs_window must be >= 1, got {self.window}, {self.obs_window}")
+        if self.window < 1 or self.obs_window < 0:
+            raise InvalidInputError(f"window must be >= 1 and obs_window >= 0 (0: all of the window's tokens), "
+                                    f"got {self.window}, {self.obs_window}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise InvalidInputError(f"pool_kernel must be an odd integer >= 1, got {self.pool_kernel}")
         if self.positions not in POSITIONS:

@@ -134,7 +134,7 @@ def test_every_selection_criterion_keeps_its_own_entries(tiny_lm_dir):
     kept = {}
     for name, (cls, extra) in selection_study.CRITERIA.items():
         cfg = MemoryConfig.for_kind(kind="compressed_kv", model=None, ratio=4, window=64, positions="compact",
-                                    **{**extra, **({"obs_window": 64} if "obs_window" in extra else {})})
+                                    **extra)
         memory = cls(cfg, model=model, tokenizer=tok)
         memory.memorize(text)
         kept[name] = (memory.entries, torch.cat([o.flatten() for o in memory.offsets]))
