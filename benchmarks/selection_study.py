@@ -20,6 +20,7 @@ Criteria (a subclass each; only ``score`` or the scoring pass differs):
 ``allq``     attention mass summed over *all* the window's queries (obs_window 0), max-pooled:
              the library default since this study (n = 30: best gold log-likelihood, 25 of 30 wins vs snapkv)
 ``obs128``  snapkv with the window's last 128 queries (``obs256``: 256)
+``spread128`` 128 of the window's queries spread evenly over it (``spread64``: 64): allq's coverage, less cost
 ``probe``    a fixed generic probe ("What are the key facts, names, dates and numbers in this text?") appended
              after the window for scoring only; its attention mass picks the entries, then it is dropped
 
@@ -98,7 +99,9 @@ class ProbeMemory(CompressedKVMemory):
 CRITERIA = {"snapkv": (CompressedKVMemory, {"obs_window": 32}), "recent": (RecentMemory, {"obs_window": 32}),
             "strided": (StridedMemory, {"obs_window": 32}), "random": (RandomMemory, {"obs_window": 32}),
             "allq": (CompressedKVMemory, {"obs_window": 0}), "probe": (ProbeMemory, {"obs_window": 32}),
-            "obs128": (CompressedKVMemory, {"obs_window": 128}), "obs256": (CompressedKVMemory, {"obs_window": 256})}
+            "obs128": (CompressedKVMemory, {"obs_window": 128}), "obs256": (CompressedKVMemory, {"obs_window": 256}),
+            "spread64": (CompressedKVMemory, {"obs_window": 0, "obs_sample": 64}),
+            "spread128": (CompressedKVMemory, {"obs_window": 0, "obs_sample": 128})}
 
 
 @torch.no_grad()

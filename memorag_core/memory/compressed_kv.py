@@ -178,7 +178,8 @@ class CompressedKVMemory(Memory):
             lens = torch.tensor(ws, device=device) if ragged else None
             mem_lens = torch.tensor([r.entries for r in rows], device=device) if padded_mem else None
             obs = self.config.obs_window or width  # 0: every query of the window scores its entries
-            with scoring.capture_scores(obs, start=base, rows=lens, mem_lens=mem_lens) as scores:
+            with scoring.capture_scores(obs, start=base, rows=lens, mem_lens=mem_lens,
+                                        sample=self.config.obs_sample) as scores:
                 self.model(**forward)
         else:
             scores = None

@@ -36,6 +36,9 @@ class MemoryConfig:
         "which of each window's tokens score its entries by their attention: 0 = all of them (the default, the "
         "best-measured rule, benchmarks/selection_study.py); N > 0 = the last N (SnapKV's observation window; "
         "32 was the default before, about half the memorize time on small CPU models)"))
+    obs_sample: int = field(default=0, metadata=_help(
+        "when > 0, only this many of the scoring tokens, spread evenly over them, score the entries (the cost of "
+        "obs_sample queries with the coverage of obs_window); 0 = every one"))
     pool_kernel: int = field(default=5, metadata=_help(
         "odd width of the max-pool smoothing of scores along the sequence (1 = none): keeps neighbours of "
         "strongly attended tokens, so kept entries form short runs rather than isolated tokens"))
@@ -68,9 +71,9 @@ class MemoryConfig:
             raise InvalidInputError(f"memory ratio must be an integer >= 1, got {self.ratio!r}")
         if self.kind == "full_kv" and self.ratio != 1:
             raise InvalidInputError(f"kind full_kv keeps every entry: ratio must be 1, got {self.ratio}")
-        if self.window < 1 or self.obs_window < 0:
-            raise InvalidInputError(f"window must be >= 1 and obs_window >= 0 (0: all of the window's tokens), "
-                                    f"got {self.window}, {self.obs_window}")
+        if self.window < 1 or self.obs_window < 0 or self.obs_sample < 0:
+            raise InvalidInputError(f"window must be >= 1, obs_window and obs_sample >= 0 (0: all of the window's "
+                                    f"tokens), got {self.window}, {self.obs_window}, {self.obs_sample}")
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise InvalidInputError(f"pool_kernel must be an odd integer >= 1, got {self.pool_kernel}")
         if self.positions not in POSITIONS:

@@ -51,13 +51,26 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
     start = min(capture["start"], k_len)
     obs = min(capture["obs"], q_len)
     device = query.device
-    r = torch.arange(obs, device=device)
     lens = capture.get("rows")  # (b,) real queries per row, or None: all q_len
     weight = None
-    if lens is None:
+    sample = capture.get("sample") or 0
+    if 0 < sample < obs:  # ``sample`` queries spread evenly over the observed ones (the last ``obs`` of each row)
+        end = lens.to(device) if lens is not None else torch.full((b,), q_len, device=device)  # (b,) real queries
+        n = end.clamp(max=obs)[:, None]  # (b, 1) observed queries of each row
+        r = torch.arange(sample, device=device)[None]  # (1, sample)
+        qpos = end[:, None] - n + ((r + 1) * n) // sample - 1  # (b, sample), the last one is end - 1
+        # a row with fewer than ``sample`` observed queries would repeat some: count each query once
+        weight = (qpos >= end[:, None] - n).float()
+        weight[:, 1:] *= (qpos[:, 1:] != qpos[:, :-1]).float()
+        qpos = qpos.clamp(min=0)
+        obs = sample
+        q = query.gather(2, qpos[:, None, :, None].expand(b, heads, obs, d))  # (b, heads, obs, d)
+    elif lens is None:
+        r = torch.arange(obs, device=device)
         qpos = (q_len - obs + r).expand(b, obs)  # (b, obs) window slot of each observed query
         q = query[:, :, -obs:, :]  # (b, heads, obs, d)
     else:
+        r = torch.arange(obs, device=device)
         qpos = lens.to(device)[:, None] - obs + r  # (b, obs)
         weight = (qpos >= 0).float()  # (b, obs): rows shorter than obs observe fewer queries
         qpos = qpos.clamp(min=0)
@@ -95,7 +108,7 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
 
 @contextlib.contextmanager
 def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
-                   mem_lens: torch.Tensor | None = None) -> Iterator[dict[int, torch.Tensor]]:
+                   mem_lens: torch.Tensor | None = None, sample: int = 0) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, every ``memorag_sdpa`` call stores its layer's scores into the yielded dict.
 
     Args:
@@ -103,9 +116,12 @@ def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
         start: score only keys from this index on (the window after a memory); earlier keys only normalize.
         rows: (b,) real query tokens per row of a right-padded batch (None: every row is full).
         mem_lens: (b,) valid memory entries per row before the window (None: all; the rest is padding).
+        sample: when 0 < sample < obs, only ``sample`` of the observed queries, spread evenly over them, are
+            summed (the cost of ``sample`` queries with the coverage of ``obs``).
     """
     scores: dict[int, torch.Tensor] = {}
-    _state.capture = {"obs": obs, "scores": scores, "start": start, "rows": rows, "mem_lens": mem_lens}
+    _state.capture = {"obs": obs, "scores": scores, "start": start, "rows": rows, "mem_lens": mem_lens,
+                      "sample": sample}
     try:
         yield scores
     finally:

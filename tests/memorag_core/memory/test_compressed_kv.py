@@ -136,6 +136,45 @@ def test_captured_scores_match_eager_attention(tiny):
         torch.testing.assert_close(scores[i], want, rtol=1e-4, atol=1e-5)
 
 
+def test_sampled_scores_sum_the_evenly_spread_queries(tiny):
+    """``sample`` queries spread over the observed ones: exactly their eager attention, in a full row and in a
+    right-padded shorter row (whose observed queries are its own real ones, each counted once)."""
+    model, tok = tiny
+    ids = tok("One two three four five six seven eight nine ten eleven twelve thirteen fourteen",
+              add_special_tokens=False)["input_ids"]
+    n, short = len(ids), len(ids) - 5
+    model.set_attn_implementation("eager")
+    try:
+        full_att = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+        short_att = model(input_ids=torch.tensor([ids[:short]]), output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(scoring.register())
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+
+    def want(att, rows, length):  # (1, heads, L, L) -> (kv_heads, length)
+        w = att[0, :, rows, :].sum(1)  # (heads, L)
+        w = torch.nn.functional.pad(w, (0, length - w.shape[-1]))
+        return w.view(cfg.num_key_value_heads, group, -1).mean(1)
+
+    with scoring.capture_scores(n, sample=4) as scores:  # all n queries observed, 4 of them sampled
+        model(input_ids=torch.tensor([ids]))
+    rows = [(r + 1) * n // 4 - 1 for r in range(4)]
+    assert rows[-1] == n - 1 and len(set(rows)) == 4
+    for i, att in enumerate(full_att):
+        torch.testing.assert_close(scores[i][0], want(att, rows, n), rtol=1e-4, atol=1e-5)
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    batch = torch.tensor([ids, ids[:short] + [pad] * (n - short)])
+    with scoring.capture_scores(n, rows=torch.tensor([n, short]), sample=short + 3) as scores:
+        model(input_ids=batch)  # the short row has fewer real queries than the sample: each counted once
+    rows_full = sorted({(r + 1) * n // (short + 3) - 1 for r in range(short + 3)})
+    for i in range(len(full_att)):
+        torch.testing.assert_close(scores[i][0], want(full_att[i], rows_full, n), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scores[i][1, :, :short], want(short_att[i], list(range(short)), short),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_selection_keeps_the_highest_scored_entries(tiny):
     mem = make(tiny, ratio=4, pool_kernel=1)
     # one layer with 2 kv heads, 8 window entries after 3 memory entries
