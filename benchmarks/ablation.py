@@ -231,7 +231,8 @@ def main(argv=None) -> None:
     layers = params.get("pointer_layers")
     normalize = params.get("pointer_normalize", "mean")
     fusion = FusionConfig(rrf_k=params.get("rrf_k", 60.0), weights={**FusionConfig().weights,
-                                                                      **params.get("weights", {})})
+                                                                      **params.get("weights", {})},
+                          question_floor=params.get("question_floor", FusionConfig().question_floor))
     plan = PlanConfig(fusion=fusion, pointer_depth=params.get("pointer_depth", 3))
     if args.tune:
         params = tune(records, arrays, examples, corpora, embed, plan)
@@ -253,7 +254,8 @@ def main(argv=None) -> None:
         f1 = answer_f1(table[args.budgets[0]], args.f1_rows, examples, corpora, out)
     result = {"setting": args.setting, "n": len(records), "budgets": args.budgets, "summary": summary,
               "params": {"pointer_layers": layers, "pointer_normalize": normalize, "rrf_k": fusion.rrf_k,
-                         "weights": fusion.weights, "pointer_depth": plan.pointer_depth},
+                         "weights": fusion.weights, "pointer_depth": plan.pointer_depth,
+                         "question_floor": fusion.question_floor},
               "clue_seconds_median": float(np.median(clue_s)) if clue_s else None,
               "pointer_seconds_median": float(np.median(point_s)) if point_s else None, "f1": f1,
               "per_question": {str(b): {row: [[i, k, r] for i, k, r, _ in v] for row, v in res.items()}
