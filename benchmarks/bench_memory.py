@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=8000, help="tokens of the book to memorize")
     p.add_argument("--ratios", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--obs-windows", type=int, nargs="+", default=[0],
-                   help="scoring queries per window for compressed_kv: 0 = all (the default), 32 = SnapKV's last 32")
+    p.add_argument("--scoring", nargs="+", default=["0:128"], metavar="OBS:SAMPLE",
+                   help="compressed_kv scoring rules as obs_window:obs_sample (0:128 the default, 0:0 every query "
+                        "of the window, 32:0 SnapKV's last 32)")
     p.add_argument("--book", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/harry_potter.txt")
     p.add_argument("--gpu-mistral", action="store_true", help="Mistral-7B-shaped random model in bf16 on CUDA")
     p.add_argument("--mistral-layers", type=int, default=32, help="depth of the Mistral-shaped model (CPU check: 1)")
@@ -112,11 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     rows = [{"mode": "plain transformers prefill", "ratio": "-", "tokens": len(ids), "seconds": base_s,
              "tokens_per_s": len(ids) / base_s, "vs_plain": 1.0}]
 
-    for obs, ratio in [(o, r) for o in args.obs_windows for r in args.ratios]:
+    try:
+        rules = [tuple(int(x) for x in rule.split(":")) for rule in args.scoring]
+    except ValueError:
+        p.error(f"--scoring takes obs_window:obs_sample pairs of integers, got {args.scoring}")
+    for (obs, sample), ratio in [(rule, r) for rule in rules for r in args.ratios]:
         kind = "full_kv" if ratio == 1 else "compressed_kv"
-        if kind == "full_kv" and obs != args.obs_windows[0]:
+        if kind == "full_kv" and (obs, sample) != rules[0]:
             continue  # nothing is scored at ratio 1: one row is enough
-        mem = build_memory(MemoryConfig(kind=kind, ratio=ratio, window=args.window, obs_window=obs), model, tok)
+        mem = build_memory(MemoryConfig(kind=kind, ratio=ratio, window=args.window, obs_window=obs,
+                                        obs_sample=sample), model, tok)
         sync()
         start = time.perf_counter()
         if text is None:  # random ids on the GPU model: feed ids directly through the same code path
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             mem.memorize(text)
         sync()
         secs = time.perf_counter() - start
-        row = {"mode": kind, "ratio": ratio, "obs_window": obs if kind != "full_kv" else "", "tokens": len(ids), "seconds": secs, "tokens_per_s": len(ids) / secs,
+        row = {"mode": kind, "ratio": ratio, "scoring": f"{obs}:{sample}" if kind != "full_kv" else "", "tokens": len(ids), "seconds": secs, "tokens_per_s": len(ids) / secs,
                "vs_plain": base_s / secs, "entries": mem.entries, "bytes": mem.stats.nbytes,
                "bytes_per_token": mem.stats.nbytes / len(ids)}
         if args.gpu_mistral:
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{device}, {'Mistral-7B-shaped bf16' if args.gpu_mistral else 'SmolLM2-135M fp32'}, "
           f"{params / 1e6:.0f}M params, {len(ids)} tokens, window {args.window}\n")
-    cols = [c for c in ["mode", "ratio", "obs_window", "tokens_per_s", "vs_plain", "entries", "bytes_per_token", "load_s",
+    cols = [c for c in ["mode", "ratio", "scoring", "tokens_per_s", "vs_plain", "entries", "bytes_per_token", "load_s",
                         "clues_s_median", "retrieve_s", "generate_s", "roofline_fraction"]
             if any(c in r for r in rows)]
     print("| " + " | ".join(cols) + " |")

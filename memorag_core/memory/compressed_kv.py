@@ -1,8 +1,8 @@
 """``CompressedKVMemory``: training-free compressed KV memory for any Hugging Face causal LM.
 
 The text is prefilled in windows of ``window`` tokens. Each window attends to the memory so far plus itself;
-then, per layer and per KV head, the ``ceil(w / ratio)`` window entries that the window's tokens (all of them by
-default; the last ``obs_window`` when set, as SnapKV does) attend to most are kept and the rest is forgotten
+then, per layer and per KV head, the ``ceil(w / ratio)`` window entries that the window's tokens (by default 128
+spread evenly over it; the last ``obs_window`` when set, as SnapKV does) attend to most are kept, the rest forgotten
 (see ``scoring.py``; the rule was chosen by benchmarks/selection_study.py). The memory after n windows therefore
 holds ``prefix + sum ceil(w_i / ratio)`` entries per layer and KV head, whatever the text length.
 

@@ -17,8 +17,8 @@ def test_gpu_mistral_path_runs_on_cpu_with_one_layer(tmp_path):
 
     out = tmp_path / "r.json"
     assert main(["--gpu-mistral", "--device", "cpu", "--mistral-layers", "1", "--tokens", "160", "--ratios", "1",
-                 "4", "--window", "64", "--obs-windows", "0", "32", "--json", str(out)]) == 0
+                 "4", "--window", "64", "--scoring", "0:128", "32:0", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["mode"] for r in rows[1:4]] == ["full_kv", "compressed_kv", "compressed_kv"]
-    assert [r["obs_window"] for r in rows[1:4]] == ["", 0, 32]  # full_kv once: nothing is scored at ratio 1
+    assert [r["scoring"] for r in rows[1:4]] == ["", "0:128", "32:0"]  # full_kv once: nothing is scored at ratio 1
     assert rows[2]["entries"] == rows[3]["entries"] < rows[1]["entries"]
