@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             mem.memorize(text)
         sync()
         secs = time.perf_counter() - start
-        row = {"mode": kind, "ratio": ratio, "scoring": f"{obs}:{sample}" if kind != "full_kv" else "", "tokens": len(ids), "seconds": secs, "tokens_per_s": len(ids) / secs,
-               "vs_plain": base_s / secs, "entries": mem.entries, "bytes": mem.stats.nbytes,
-               "bytes_per_token": mem.stats.nbytes / len(ids)}
+        row = {"mode": kind, "ratio": ratio, "scoring": f"{obs}:{sample}" if kind != "full_kv" else "",
+               "tokens": len(ids), "seconds": secs, "tokens_per_s": len(ids) / secs, "vs_plain": base_s / secs,
+               "entries": mem.entries, "bytes": mem.stats.nbytes, "bytes_per_token": mem.stats.nbytes / len(ids)}
         if args.gpu_mistral:
             row["roofline_fraction"] = (2 * params * len(ids) / secs) / (args.peak_tflops * 1e12)
         else:
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"\n{device}, {'Mistral-7B-shaped bf16' if args.gpu_mistral else 'SmolLM2-135M fp32'}, "
           f"{params / 1e6:.0f}M params, {len(ids)} tokens, window {args.window}\n")
-    cols = [c for c in ["mode", "ratio", "scoring", "tokens_per_s", "vs_plain", "entries", "bytes_per_token", "load_s",
-                        "clues_s_median", "retrieve_s", "generate_s", "roofline_fraction"]
+    cols = [c for c in ["mode", "ratio", "scoring", "tokens_per_s", "vs_plain", "entries", "bytes_per_token",
+                        "load_s", "clues_s_median", "retrieve_s", "generate_s", "roofline_fraction"]
             if any(c in r for r in rows)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

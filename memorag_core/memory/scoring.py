@@ -54,26 +54,21 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
     lens = capture.get("rows")  # (b,) real queries per row, or None: all q_len
     weight = None
     sample = capture.get("sample") or 0
-    if 0 < sample < obs:  # ``sample`` queries spread evenly over the observed ones (the last ``obs`` of each row)
+    if lens is None and not 0 < sample < obs:  # every row full, every observed query: a slice
+        qpos = (q_len - obs + torch.arange(obs, device=device)).expand(b, obs)  # (b, obs) window slot of each
+        q = query[:, :, -obs:, :]  # (b, heads, obs, d)
+    else:
+        # ``m`` queries spread evenly over each row's observed ones (its last min(obs, real queries)); m = obs
+        # without sampling. A row with fewer observed queries than m would repeat some: each counts once.
+        m = sample if 0 < sample < obs else obs
         end = lens.to(device) if lens is not None else torch.full((b,), q_len, device=device)  # (b,) real queries
         n = end.clamp(max=obs)[:, None]  # (b, 1) observed queries of each row
-        r = torch.arange(sample, device=device)[None]  # (1, sample)
-        qpos = end[:, None] - n + ((r + 1) * n) // sample - 1  # (b, sample), the last one is end - 1
-        # a row with fewer than ``sample`` observed queries would repeat some: count each query once
+        r = torch.arange(m, device=device)[None]  # (1, m)
+        qpos = end[:, None] - n + ((r + 1) * n) // m - 1  # (b, m), the last one is end - 1
         weight = (qpos >= end[:, None] - n).float()
         weight[:, 1:] *= (qpos[:, 1:] != qpos[:, :-1]).float()
         qpos = qpos.clamp(min=0)
-        obs = sample
-        q = query.gather(2, qpos[:, None, :, None].expand(b, heads, obs, d))  # (b, heads, obs, d)
-    elif lens is None:
-        r = torch.arange(obs, device=device)
-        qpos = (q_len - obs + r).expand(b, obs)  # (b, obs) window slot of each observed query
-        q = query[:, :, -obs:, :]  # (b, heads, obs, d)
-    else:
-        r = torch.arange(obs, device=device)
-        qpos = lens.to(device)[:, None] - obs + r  # (b, obs)
-        weight = (qpos >= 0).float()  # (b, obs): rows shorter than obs observe fewer queries
-        qpos = qpos.clamp(min=0)
+        obs = m
         q = query.gather(2, qpos[:, None, :, None].expand(b, heads, obs, d))  # (b, heads, obs, d)
     q = q.float().reshape(b, kv_heads, group * obs, d)  # (b, kv_heads, g*obs, d), heads are kv-major
     scale = scaling if scaling is not None else d**-0.5
