@@ -117,7 +117,7 @@ def ask(
     top_k: int = typer.Option(5, help="collection: passages handed to the generator"),
     doc_id: Optional[str] = typer.Option(None, help="collection, --task summarize: the document to summarize"),
     s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint URL of an s3:// store"),
-    task: str = typer.Option("memorag", help="qa (bundle: memory only; collection: plain RAG) | memorag (clues + "
+    task: str = typer.Option("memorag", help="qa (plain RAG: the question alone retrieves) | memorag (clues + "
                                              "retrieval) | summarize"),
     model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
     embedder: Optional[str] = typer.Option(None, help="embedder (default: the one the bundle records; another "
@@ -130,7 +130,8 @@ def ask(
     hits: int = typer.Option(3, help="chunks handed to the generator (fused over the question and its clues)"),
     max_new_tokens: int = typer.Option(128, help="most tokens in the answer"),
     clue_max_new_tokens: int = typer.Option(64, help="most tokens per clue (spans, surrogate questions, draft)"),
-    use_memory_answer: bool = typer.Option(False, help="add the memory's draft answer to the evidence"),
+    use_memory_answer: bool = typer.Option(False, help="the memory also writes a draft answer, which joins "
+                                           "retrieval as one more query"),
     show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
 ) -> None:
     """Answer a question from a published collection (--collection, --store) or a saved bundle (--from).
@@ -152,24 +153,21 @@ def ask(
     embedder, chunk_size = stored_retrieval(from_dir, embedder)
     pipe = _pipeline(config, embedder, generator, hits, chunk_size)
     pipe.load(from_dir)  # refuses a bundle embedded with another model, by name
+    pipe.clue_max_new_tokens = clue_max_new_tokens
     start = time.perf_counter()
-    if task == "memorag":
-        clues = pipe.clues(question, use_memory_answer=use_memory_answer, max_new_tokens=clue_max_new_tokens)
-        hits_ = pipe.evidence(question, clues)
-        if show_clues:
-            typer.echo("clues:")
-            for q in clues.retrieval_queries:
-                typer.echo(f"  - {q}")
-            typer.echo(f"retrieved {len(hits_)} chunks ({clues.seconds:.1f}s for clues)")
-        evidence = [h.text.strip() for h in hits_]
-        if clues.draft_answer:
-            evidence.append(f"The answer might be {clues.draft_answer}.")
-        typer.echo("answer: ", nl=False)
-        for piece in pipe.stream_answer(question, evidence, max_new_tokens=max_new_tokens):
-            typer.echo(piece, nl=False)
-        typer.echo("")
-    else:
-        typer.echo("answer: " + pipe(query=question, task_type=task, max_new_tokens=max_new_tokens))
+    typer.echo("answer: ", nl=False)
+    result = None
+    for event in pipe.stream(question, task, max_new_tokens=max_new_tokens, use_memory_answer=use_memory_answer):
+        if event.kind == "token":
+            typer.echo(event.text, nl=False)
+        else:
+            result = event.result
+    typer.echo("")
+    if show_clues and result is not None and task == "memorag":
+        typer.echo("retrieval queries:")
+        for source, q in result.retrieval_queries:
+            typer.echo(f"  [{source}] {q}")
+        typer.echo(f"retrieved {len(result.evidence)} chunks ({result.timings.get('clues', 0.0):.1f}s for clues)")
     typer.echo(f"({time.perf_counter() - start:.1f}s)")
 
 

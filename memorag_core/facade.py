@@ -33,6 +33,7 @@ from memorag_core.errors import InvalidInputError, MemoryNotReadyError
 from memorag_core.memory import Memory as MemoryBase
 from memorag_core.memory import MemoryConfig, build_memory, check_text
 from memorag_core.models import LoadOptions
+from memorag_core.query.types import QueryLimits
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,8 @@ class MemoRAG:
         self.ret_hit = ret_hit
         self.retrieval_chunk_size = retrieval_chunk_size
         self.clue_max_new_tokens = clue_max_new_tokens
-        self.plan_config = plan_config or PlanConfig()
+        self.summary_hits = 8  # passages a summary reads (its key points retrieve them)
+        self.plan_config = PlanConfig.from_dict(plan_config) if plan_config is not None else PlanConfig()
         self._manifest: dict | None = None
         self._chunk_starts: list[int] | None = None  # first memory-tokenizer token of each chunk (pointers)
         self._grounder: Any = None
@@ -344,22 +346,45 @@ class MemoRAG:
         if not self.is_ready:
             raise MemoryNotReadyError("nothing is memorized: call memorize(context) or load(save_dir) first")
 
+    # The answering calls below run the one query composition (memorag_core.query.compose) over this facade's
+    # bundle: a bundle is a one-unit collection, so grounding, drafts, prompt language and fusion are the ones
+    # every other door uses.
+    def _composition(self, *, template: str | None = None, pointers: bool | None = None):
+        from memorag_core.query.compose import QueryComposition
+
+        return QueryComposition(BundleStages(self, template=template, pointers=pointers))
+
+    def _state(self, query: str | None, task: str = "memorag", **request: Any):
+        from memorag_core.query.compose import QueryState
+        from memorag_core.query.types import QueryRequest
+
+        r = QueryRequest(query, task=task, units=1, **request).validate(FACADE_LIMITS)
+        return QueryState(BUNDLE_COLLECTION, self.bundle_version, r)
+
+    @property
+    def bundle_version(self) -> str:
+        """The version a query over this bundle reports: its manifest's checksum when saved or loaded."""
+        files = (self._manifest or {}).get("files") or {}
+        sha = (files.get("memory.safetensors") or {}).get("sha256")
+        return f"bundle-{sha[:12]}" if sha else "bundle-unsaved"
+
     def clues(self, query: str, *, use_memory_answer: bool = False, max_new_tokens: int | None = None,
               pointers: bool | None = None) -> Clues:
         """Spans, surrogate questions (and a draft answer) from the memory, decoded as one batch, plus the attention
         pointers (one prefill of the question over the memory; ``pointers=None``: when the plan uses them and
-        the memory keeps source offsets)."""
+        the memory keeps source offsets): the composition's route and clue steps over this bundle."""
+        from memorag_core.query.compose import complete
+
         self._require_ready()
         query = check_text(query, "query")
         start = time.perf_counter()
-        out = self.memory.clue_texts(query, max_new_tokens or self.clue_max_new_tokens, with_answer=use_memory_answer)
-        lang = self.prompts.language
-        spans, surrogates = split_clue_lines(out["spans"], lang), split_clue_lines(out["surrogates"], lang)
-        draft = out.get("answer") or None
-        if pointers is None:
-            pointers = "pointer" in self.plan_config.sources
-        pointed = self.pointers(query) if pointers else []
-        clues = Clues(spans, surrogates, draft, [], time.perf_counter() - start, pointed)
+        comp = self._composition(pointers=pointers)
+        state = self._state(query, clue_max_new_tokens=max_new_tokens or self.clue_max_new_tokens,
+                            use_draft=use_memory_answer)
+        complete(comp.route(state))
+        complete(comp.write_clues(state))
+        c = state.clues[0]
+        clues = Clues(list(c.spans), list(c.surrogates), c.draft, [], time.perf_counter() - start, list(c.pointers))
         plan, _ = self._plan(query, clues.clue_set())
         clues.plan = plan
         clues.retrieval_queries = [q for _, q in plan.queries]
@@ -403,21 +428,34 @@ class MemoRAG:
             self._grounder = CorpusGrounder(self.retriever.corpus)
         return self._grounder
 
-    def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None) -> list:
-        """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
-        rank (the question's own ranking counts most); list of retrieval ``Hit``, best first. Without clues it is
-        plain dense retrieval of the question. The evaluation and the query engine share this path
-        (:func:`memorag_core.retrieval.queries.fused_evidence`)."""
-        from memorag_core.retrieval import Hit
-        from memorag_core.retrieval.queries import ClueSet, fused_evidence
+    def fused(self, query: str | None, clue_set, top_k: int):
+        """The ``top_k`` fused passages (:class:`~memorag_core.retrieval.fusion.Fused`, keys = chunk ids) for
+        ``query`` and a :class:`~memorag_core.retrieval.queries.ClueSet`, and the plan: the retrieval every door
+        runs (:func:`~memorag_core.retrieval.queries.fused_evidence`) over this bundle's chunks."""
+        from memorag_core.retrieval.queries import fused_evidence
 
         if not self.retriever.corpus:
             raise MemoryNotReadyError("nothing is indexed: call memorize(context), index_corpus or load first")
-        clue_set = clues.clue_set() if clues is not None else ClueSet()
-        fused, _ = fused_evidence(query, clue_set, embed=self._embed, search=self._search,
-                                  top_k=hits or self.ret_hit, config=self.plan_config, grounder=self.grounder())
-        return [Hit(chunk_id=int(f.key), score=f.score, text=self.retriever.corpus[int(f.key)], query=f.query)
-                for f in fused]
+        return fused_evidence(query, clue_set, embed=self._embed, search=self._search,
+                              top_k=min(top_k, len(self.retriever.corpus)), config=self.plan_config,
+                              grounder=self.grounder())
+
+    def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None) -> list:
+        """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
+        rank (the question's own ranking counts most); list of retrieval ``Hit``, best first. Without clues it is
+        plain dense retrieval of the question. The composition's retrieve step over this bundle."""
+        from memorag_core.query.compose import complete
+        from memorag_core.query.types import UnitClues
+        from memorag_core.retrieval import Hit
+
+        if not self.retriever.corpus:
+            raise MemoryNotReadyError("nothing is indexed: call memorize(context), index_corpus or load first")
+        state = self._state(query, task="memorag" if query else "summarize", top_k=hits or self.ret_hit)
+        if clues is not None:
+            state.clues = [UnitClues(BUNDLE_UNIT, spans=list(clues.spans), surrogates=list(clues.surrogates),
+                                     draft=clues.draft_answer, pointers=list(clues.pointers))]
+        complete(self._composition().retrieve(state))
+        return [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in state.evidence]
 
     def retrieve(self, queries: list[str] | str, hits: int | None = None):
         """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``); upstream's
@@ -427,29 +465,53 @@ class MemoRAG:
 
     def answer_from_evidence(self, query: str | None, evidence: list[str], *, prompt_template: str | None = None,
                              max_new_tokens: int = 256, task: str = "qa_gen") -> str:
-        """The generator's answer from ``evidence`` (``task`` = ``qa_gen`` or ``sum_gen``)."""
-        return self.generator.generate(self._gen_prompt(query, evidence, prompt_template, task),
-                                       max_new_tokens=max_new_tokens)[0]
+        """The generator's answer from ``evidence`` (``task`` = ``qa_gen`` or ``sum_gen``): the composition's
+        generate step."""
+        return "".join(self._generate(query, evidence, prompt_template, max_new_tokens, task, stream=False))
 
     def stream_answer(self, query: str | None, evidence: list[str], *, prompt_template: str | None = None,
                       max_new_tokens: int = 256, task: str = "qa_gen") -> Iterator[str]:
         """Like :meth:`answer_from_evidence`, yielding text pieces as the generator produces them."""
-        yield from self.generator.stream(self._gen_prompt(query, evidence, prompt_template, task),
-                                         max_new_tokens=max_new_tokens)
+        yield from self._generate(query, evidence, prompt_template, max_new_tokens, task, stream=True)
 
-    def _gen_prompt(self, query: str | None, evidence: list[str], prompt_template: str | None, task: str) -> str:
-        knowledge = "\n\n".join(evidence)
-        template = prompt_template or getattr(self.prompts, task)
-        try:
-            return template.format(input=query, context=knowledge) if query else template.format(context=knowledge)
-        except (KeyError, IndexError) as exc:
-            raise InvalidInputError(f"prompt_template has an unknown placeholder {exc}; use {{context}} and "
-                                    "{input}") from None
+    def _generate(self, query, evidence, prompt_template, max_new_tokens, task, *, stream: bool):
+        from memorag_core.query.compose import run_sync
+        from memorag_core.query.types import Evidence
+
+        if task not in ("qa_gen", "sum_gen"):
+            raise InvalidInputError(f"task must be qa_gen or sum_gen, got {task!r}")
+        state = self._state(query, task="summarize" if task == "sum_gen" else "memorag",
+                            max_new_tokens=max_new_tokens)
+        state.evidence = [Evidence(BUNDLE_COLLECTION, BUNDLE_UNIT, str(i), 0.0, text)
+                          for i, text in enumerate(evidence)]
+        yield from run_sync(self._composition(template=prompt_template).generate(state, stream=stream))
+
+    def stream(self, query: str | None = None, task_type: str = "memorag", *, prompt_template: str | None = None,
+               max_new_tokens: int = 256, use_memory_answer: bool = False, hits: int | None = None):
+        """The whole query over this bundle as events: ``token`` pieces of the answer, then a ``final`` event whose
+        :class:`~memorag_core.query.types.QueryResult` holds the clues, the evidence and the timings (the same
+        events the query engine and the Serve app yield)."""
+        from memorag_core.query.compose import run_sync
+
+        if task_type not in TASK_TYPES:
+            raise InvalidInputError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+        self._require_ready()
+        top_k = hits or (self.ret_hit if task_type != "summarize" else max(self.ret_hit, self.summary_hits))
+        state = self._state(query, task=task_type, max_new_tokens=max_new_tokens, top_k=top_k,
+                            clue_max_new_tokens=self.clue_max_new_tokens, use_draft=use_memory_answer)
+        yield from run_sync(self._composition(template=prompt_template).run(
+            state.name, state.version, state.request))
 
     def __call__(self, query: str | None = None, context: str | None = None, task_type: str = "memorag",
                  prompt_template: str | None = None, max_new_tokens: int = 256, reset_each_call: bool = False,
                  use_memory_answer: bool = False) -> str:
-        """Answer ``query`` (``task_type`` qa | memorag | summarize), memorizing ``context`` first if needed."""
+        """Answer ``query`` (``task_type`` qa | memorag | summarize), memorizing ``context`` first if needed.
+
+        ``qa`` is plain RAG (the question alone retrieves), ``memorag`` adds the memory's clues (and, with
+        ``use_memory_answer``, its draft answer as one more retrieval query), ``summarize`` retrieves with the
+        memory's key points; each runs the query composition that the engine and the Serve app run."""
+        from memorag_core.query.compose import final_result
+
         if task_type not in TASK_TYPES:
             raise InvalidInputError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
         if reset_each_call:
@@ -461,20 +523,93 @@ class MemoRAG:
             self.memorize(context)
         if task_type != "summarize" and not query:
             raise InvalidInputError(f"task_type={task_type!r} needs a query")
-        if task_type == "qa":
-            return self.memory.answer(query, max_new_tokens)
-        if task_type == "memorag":
-            clues = self.clues(query, use_memory_answer=use_memory_answer)
-            evidence = [h.text.strip() for h in self.evidence(query, clues)]
-            if clues.draft_answer:
-                evidence.append(f"The answer might be {clues.draft_answer}.")
-            return self.answer_from_evidence(query, evidence, prompt_template=prompt_template,
-                                             max_new_tokens=max_new_tokens)
-        key_points = self.memory.summarize(max(self.clue_max_new_tokens, 256))
-        queries = split_clue_lines(key_points, self.prompts.language) or [key_points]
-        evidence = [h.text.strip() for h in self.retrieve(queries)]
-        return self.answer_from_evidence(None, evidence, prompt_template=prompt_template,
-                                         max_new_tokens=max_new_tokens, task="sum_gen")
+        return final_result(self.stream(query if task_type != "summarize" else None, task_type,
+                                        prompt_template=prompt_template, max_new_tokens=max_new_tokens,
+                                        use_memory_answer=use_memory_answer)).answer
+
+
+#: the collection name and unit id a bundle answers under (a bundle is a one-unit collection)
+BUNDLE_COLLECTION = "bundle"
+BUNDLE_UNIT = "bundle"
+
+#: a facade's requests are checked for types and sense, with bounds as wide as upstream's API allows
+FACADE_LIMITS = QueryLimits(max_query_chars=10**7, max_new_tokens=10**6, max_clue_tokens=10**5, max_units=1,
+                            max_top_k=10**6)
+
+
+class BundleStages:
+    """The query composition's stages over one facade's bundle (see :mod:`memorag_core.query.compose`): one
+    unit (the bundle's memory) is routed, its memory writes the clues, the bundle's chunks are searched, and the
+    facade's generator answers.
+
+    Args:
+        pipe: the :class:`MemoRAG`. template: a prompt template for the answer (``{context}``, ``{input}``).
+        pointers: compute attention pointers with the clues (None: when the plan uses them).
+    """
+
+    def __init__(self, pipe: MemoRAG, *, template: str | None = None, pointers: bool | None = None) -> None:
+        from memorag_core.query.answer import Answerer
+        from memorag_core.query.compose import GeneratorStage
+
+        self.pipe = pipe
+        self.pointers = "pointer" in pipe.plan_config.sources if pointers is None else pointers
+        self.retriever = self
+        self.memory = self
+        self.sessions = None
+        self.generator = GeneratorStage(answerer=_TemplatedAnswerer(Answerer(pipe.generator), template))
+
+    # -- retriever ---------------------------------------------------------------------------------------------
+    async def stored_summary(self, name, version, request):
+        return None
+
+    async def units(self, name, version, request):
+        from memorag_core.query.types import RoutedUnit
+
+        if request.task == "qa":
+            return []
+        return [RoutedUnit(BUNDLE_UNIT, 1.0, "bundle")]
+
+    async def retrieve(self, name, version, query, clues, top_k, doc_id=None, extra=None):
+        from memorag_core.query.retrieve import clue_set_of
+        from memorag_core.query.types import Evidence
+
+        fused, plan = self.pipe.fused(query, clue_set_of(clues, extra), top_k)
+        corpus = self.pipe.retriever.corpus
+        return ([Evidence(BUNDLE_COLLECTION, BUNDLE_UNIT, str(int(f.key)), f.score, corpus[int(f.key)],
+                          sources=list(f.sources), query=f.query) for f in fused], list(plan.queries))
+
+    # -- memory ------------------------------------------------------------------------------------------------
+    async def clues(self, name, version, unit_ids, query, max_new_tokens, with_draft=False):
+        from memorag_core.query.types import UnitClues
+
+        t0 = time.perf_counter()
+        out = self.pipe.memory.clue_texts(query, max_new_tokens, with_answer=with_draft)
+        lang = self.pipe.prompts.language
+        pointed = self.pipe.pointers(query) if self.pointers else []
+        return [UnitClues(BUNDLE_UNIT, spans=split_clue_lines(out["spans"], lang),
+                          surrogates=split_clue_lines(out["surrogates"], lang), draft=out.get("answer") or None,
+                          pointers=pointed, seconds=time.perf_counter() - t0, cached=True)]
+
+    async def key_points(self, name, version, unit_ids, max_new_tokens):
+        from memorag_core.query.types import UnitClues
+
+        t0 = time.perf_counter()
+        text = self.pipe.memory.summarize(max(max_new_tokens, self.pipe.clue_max_new_tokens, 256))
+        points = split_clue_lines(text, self.pipe.prompts.language) or ([text.strip()] if text.strip() else [])
+        return [UnitClues(BUNDLE_UNIT, key_points=points, seconds=time.perf_counter() - t0, cached=True)]
+
+
+class _TemplatedAnswerer:
+    """An answerer whose prompt comes from a caller's template (the facade's ``prompt_template``)."""
+
+    def __init__(self, answerer, template: str | None) -> None:
+        self.answerer, self.template = answerer, template
+
+    def generate(self, task, query, evidence, *, max_new_tokens):
+        return self.answerer.generate(task, query, evidence, max_new_tokens=max_new_tokens, template=self.template)
+
+    def stream(self, task, query, evidence, *, max_new_tokens):
+        return self.answerer.stream(task, query, evidence, max_new_tokens=max_new_tokens, template=self.template)
 
 
 class MemoRAGLite(MemoRAG):

@@ -151,7 +151,7 @@ def _train(config: IndexStageConfig, vindex, x: np.ndarray) -> None:
     if not gpu_available(config):
         vindex.train(x)
         return
-    x = vindex._vectors(x, "training vectors")  # (n, dim), normalized for cosine
+    x = vindex.check_vectors(x, "training vectors")  # (n, dim), normalized for cosine
     _on_gpu(vindex, "train", x)
 
 
@@ -161,7 +161,7 @@ def _add(config: IndexStageConfig, vindex, x: np.ndarray, ids: np.ndarray) -> No
     if not gpu_available(config) or config.kind != "ivf":
         vindex.add(x, ids)
         return
-    x = vindex._vectors(x, "vectors")  # (n, dim)
+    x = vindex.check_vectors(x, "vectors")  # (n, dim)
     _on_gpu(vindex, "add_with_ids", x, np.ascontiguousarray(ids, dtype=np.int64))
 
 

@@ -46,13 +46,7 @@ def build_engine(store_url: str, storage_options: dict | None, generator: str | 
 
 def _memory_generator(engine, view, batch_size: int):
     """The memory model as the generator (no second copy of the weights), with our batch size."""
-    from memorag_core.generators import HFGenerator
-    from memorag_core.query.answer import Answerer
-
-    if engine._answerer is None:
-        memory = engine.clue_writer.memory_for(view)
-        engine._answerer = Answerer(HFGenerator.from_model(memory.model, memory.tokenizer, batch_size=batch_size))
-    return engine._answerer
+    return engine.answerer_for(view, batch_size=batch_size)
 
 
 class UnitSummaryStage:

@@ -15,8 +15,13 @@ Modes (all use the same chunks, embedder, ``hits`` and generator prompt; only th
     facade's path (:meth:`memorag_core.facade.MemoRAG.evidence`: restatements dropped, spans grounded, weighted
     reciprocal-rank fusion where the question counts most) hands the generator the fused top ``hits`` chunks.
 ``memorag_draft``
-    MemoRAG with the memory's draft answer: as ``memorag`` with the draft as one more (low-weight) query; the draft
-    also goes to the generator as the line ``"The answer might be <draft>."``, as upstream MemoRAG does.
+    MemoRAG with the memory's draft answer: as ``memorag`` with the draft as one more (low-weight) retrieval query.
+    The generator reads exactly the budget's passages in every mode (the query composition's rule,
+    :mod:`memorag_core.query.compose`): upstream also pasted the draft into the evidence; we do not.
+
+Every retrieval mode runs the steps of the one query composition (:mod:`memorag_core.query.compose`) through
+the facade's bundle stages (a question's paragraphs are a one-unit collection): the clue step, the retrieve step
+with the run's plan settings (``plan``, recorded in the report), the generate step.
 
 Corpus settings:
 
@@ -503,9 +508,7 @@ class EvalRunner:
             else:
                 record["retrieval_queries"] = [ex.question]
             evidence_ids, topk_ids = self._rank_hits(hits, chunks)
-            evidence = [chunks[i].text for i in evidence_ids]
-            if draft:
-                evidence.append(f"The answer might be {draft}.")
+            evidence = [chunks[i].text for i in evidence_ids]  # exactly the budget: a draft is a query, not evidence
             record["evidence_chunk_ids"] = evidence_ids
             record["evidence_titles"] = [chunks[i].title for i in evidence_ids]
             record["recall_at_k"] = evidence_recall([chunks[i].title for i in topk_ids], ex.supporting_titles)

@@ -216,15 +216,21 @@ class Memory(ABC):
         if isinstance(instructions, str):
             instructions = [instructions]
         if query:
-            query = check_text(query, "query")
-            n = len(self._encode(query))
-            if n > self.config.max_query_tokens:
-                raise InvalidInputError(
-                    f"query is {n} tokens long; the limit is max_query_tokens={self.config.max_query_tokens}")
+            query = self.check_query(query)
         tasks = [inst.format(question=query) if query else inst for inst in instructions]
         outs = self._generate([self.task_ids(t) for t in tasks], max_new_tokens, **sampling)
         # a token budget can end inside a multi-byte character (Chinese text): drop the partial character
         return [self.tokenizer.decode(o, skip_special_tokens=True).rstrip("\ufffd").strip() for o in outs]
+
+    def check_query(self, query: str) -> str:
+        """``query`` if it is text within ``config.max_query_tokens`` tokens; InvalidInputError naming the bound
+        otherwise."""
+        query = check_text(query, "query")
+        n = len(self._encode(query))
+        if n > self.config.max_query_tokens:
+            raise InvalidInputError(
+                f"query is {n} tokens long; the limit is max_query_tokens={self.config.max_query_tokens}")
+        return query
 
     def recall(self, query: str, max_new_tokens: int = 128) -> str:
         """Text spans from the memorized text that help answer ``query`` (one per line)."""
@@ -244,10 +250,20 @@ class Memory(ABC):
 
     def clue_texts(self, query: str, max_new_tokens: int = 128, with_answer: bool = False) -> dict[str, str]:
         """Spans, surrogate questions (and optionally a draft answer) for ``query``, decoded as one batch."""
+        return self.clue_texts_many([query], max_new_tokens, with_answer=with_answer)[0]
+
+    def clue_texts_many(self, queries: list[str], max_new_tokens: int = 128, with_answer: bool = False
+                        ) -> list[dict[str, str]]:
+        """:meth:`clue_texts` for several queries, all their prompts decoded together as one batch after the
+        memory (concurrent requests to one memory cost one pass over it per step)."""
         p = self._p()
         names = ["spans", "surrogates"] + (["answer"] if with_answer else [])
         insts = [p.span, p.surrogate] + ([p.qa] if with_answer else [])
-        return dict(zip(names, self.generate(insts, query, max_new_tokens)))
+        # instructions are filled here; query "" below leaves them as they are
+        tasks = [inst.format(question=self.check_query(q)) for q in queries for inst in insts]
+        outs = self.generate(tasks, "", max_new_tokens)
+        n = len(insts)
+        return [dict(zip(names, outs[j * n:(j + 1) * n])) for j in range(len(queries))]
 
     def _p(self) -> PromptSet:
         if self.prompts is None:

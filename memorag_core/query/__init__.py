@@ -7,6 +7,8 @@ evaluation and the bulk summarization: each stage is written once here and compo
 * :class:`EvidenceRetriever`: routing to units, shard search, rank fusion, passages.
 * :class:`ClueWriter`: clues and key points from unit memories (byte-bounded LRU of loaded memories).
 * :class:`Answerer`: the generator on the evidence.
+* :class:`QueryComposition`: the one chain of a query (session, stored summary, route, clues, retrieve,
+  evidence, generate, record) that every door runs over its stages.
 * :class:`QueryEngine`: all of the above in one process.
 """
 
@@ -14,7 +16,8 @@ from memorag_core.query.answer import Answerer, generation_prompt
 from memorag_core.query.catalog import CollectionCatalog, CollectionInfo, CollectionView
 from memorag_core.query.clues import ByteLRU, ClueWriter
 from memorag_core.query.engine import QueryEngine
-from memorag_core.query.retrieve import EvidenceRetriever, clue_queries
+from memorag_core.query.compose import QueryComposition, QueryState, Stages, keeps_question, run_sync
+from memorag_core.query.retrieve import EvidenceRetriever
 from memorag_core.query.types import (
     TASKS,
     Evidence,
@@ -36,13 +39,17 @@ __all__ = [
     "CollectionView",
     "Evidence",
     "EvidenceRetriever",
+    "QueryComposition",
     "QueryEngine",
     "QueryLimits",
     "QueryRequest",
     "QueryResult",
+    "QueryState",
     "RoutedUnit",
+    "Stages",
     "StreamEvent",
     "UnitClues",
-    "clue_queries",
     "generation_prompt",
+    "keeps_question",
+    "run_sync",
 ]

@@ -13,17 +13,30 @@ from collections.abc import Iterator
 from memorag_core.errors import InvalidInputError
 
 
-def generation_prompt(task: str, query: str | None, evidence: list[str], language: str = "auto") -> str:
-    """The generator prompt: ``qa_gen`` (question + evidence) or, for ``summarize``, ``sum_gen`` (evidence only)."""
+def generation_prompt(task: str, query: str | None, evidence: list[str], language: str = "auto",
+                      template: str | None = None) -> str:
+    """The generator prompt: ``qa_gen`` (question + evidence) or, for ``summarize``, ``sum_gen`` (evidence only).
+
+    The language's prompt set is detected from the question and the evidence (``language="auto"``) at every door,
+    or given. ``template`` replaces the prompt set's (placeholders ``{context}`` and, for questions, ``{input}``).
+
+    Raises:
+        InvalidInputError: no question for a question task, or a template with another placeholder.
+    """
     from memorag_core.prompts import get_prompts
 
     knowledge = "\n\n".join(e.strip() for e in evidence)
-    prompts = get_prompts(language, f"{query or ''}\n{knowledge}")
-    if task == "summarize":
-        return prompts.sum_gen.format(context=knowledge)
-    if not query:
+    if task != "summarize" and not query:
         raise InvalidInputError("a question is needed to write an answer")
-    return prompts.qa_gen.format(input=query, context=knowledge)
+    if template is None:
+        prompts = get_prompts(language, f"{query or ''}\n{knowledge}")
+        template = prompts.sum_gen if task == "summarize" else prompts.qa_gen
+    try:
+        return template.format(context=knowledge) if task == "summarize" else template.format(input=query,
+                                                                                              context=knowledge)
+    except (KeyError, IndexError) as exc:
+        raise InvalidInputError(f"prompt template has an unknown placeholder {exc}; use {{context}} and "
+                                "{input}") from None
 
 
 class Answerer:
@@ -45,13 +58,13 @@ class Answerer:
         return str(getattr(self.generator, "model_name", None) or type(self.generator).__name__)
 
     def generate(self, task: str, query: str | None, evidence: list[str], *, max_new_tokens: int = 256,
-                 language: str = "auto") -> str:
+                 language: str = "auto", template: str | None = None) -> str:
         """The whole answer."""
-        prompt = generation_prompt(task, query, evidence, language)
+        prompt = generation_prompt(task, query, evidence, language, template)
         return self.generator.generate(prompt, max_new_tokens=max_new_tokens)[0]
 
     def stream(self, task: str, query: str | None, evidence: list[str], *, max_new_tokens: int = 256,
-               language: str = "auto") -> Iterator[str]:
+               language: str = "auto", template: str | None = None) -> Iterator[str]:
         """The answer in pieces, as the generator writes them."""
-        prompt = generation_prompt(task, query, evidence, language)
+        prompt = generation_prompt(task, query, evidence, language, template)
         yield from self.generator.stream(prompt, max_new_tokens=max_new_tokens)

@@ -150,38 +150,25 @@ class ClueWriter:
         same unit cost one pass over the memory per step, not one each (the Serve memory worker batches
         requests this way). Returns one list per request, in its ``unit_ids`` order.
         """
-        from memorag_core.errors import InvalidInputError
-        from memorag_core.memory import check_text
-
         view = self.catalog.view(name, version)
         memory = self.memory_for(view)
-        queries = [check_text(q, "query") for q, _ in requests]
-        for q in queries:  # the same bound Memory.generate applies to a query it fills in itself
-            n = len(memory._encode(q))
-            if n > memory.config.max_query_tokens:
-                raise InvalidInputError(f"query is {n} tokens long; the limit is max_query_tokens="
-                                        f"{memory.config.max_query_tokens}")
+        queries = [memory.check_query(q) for q, _ in requests]  # bounds before any decoding
         by_unit: dict[str, list[int]] = {}
         for i, (_, uids) in enumerate(requests):
             for uid in uids:
                 by_unit.setdefault(uid, []).append(i)
-        names = ["spans", "surrogates"] + (["answer"] if with_draft else [])
         done: dict[tuple[int, str], UnitClues] = {}
         with self._lock:
             for uid, members in by_unit.items():
                 t0 = time.perf_counter()
                 m, cached = self._load(view, memory, uid)
                 memory.import_tensors(m)
-                p = memory.prompts
-                insts = [p.span, p.surrogate] + ([p.qa] if with_draft else [])
-                # Instructions are filled here (query "" below leaves them as they are): one decode for all.
-                texts = memory.generate([inst.format(question=queries[i]) for i in members for inst in insts], "",
-                                        max_new_tokens)
+                texts = memory.clue_texts_many([queries[i] for i in members], max_new_tokens, with_answer=with_draft)
                 seconds = time.perf_counter() - t0
-                for j, i in enumerate(members):
-                    t = dict(zip(names, texts[j * len(insts):(j + 1) * len(insts)]))
-                    done[(i, uid)] = UnitClues(uid, spans=split_lines(t["spans"], p.language),
-                                               surrogates=split_lines(t["surrogates"], p.language),
+                lang = memory.prompts.language
+                for i, t in zip(members, texts):
+                    done[(i, uid)] = UnitClues(uid, spans=split_lines(t["spans"], lang),
+                                               surrogates=split_lines(t["surrogates"], lang),
                                                draft=(t.get("answer") or None), seconds=seconds, cached=cached)
         return [[done[(i, uid)] for uid in uids] for i, (_, uids) in enumerate(requests)]
 

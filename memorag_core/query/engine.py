@@ -1,7 +1,8 @@
 """The query engine over published collections, in one process: route -> clues -> retrieve -> answer.
 
-:class:`QueryEngine` composes the four stages, each of which is an object a Ray Serve deployment can own on its
-own (the Serve app in ``pipeline/serve`` does exactly that, with the same classes):
+:class:`QueryEngine` owns one object per stage, each of which a Ray Serve deployment can own on its own (the Serve
+app in ``pipeline/serve`` does exactly that, with the same classes), and runs the one query composition
+(:class:`~.compose.QueryComposition`, shared with the Serve ingress, the facade and the evaluation) over them:
 
 ==========  =====================================================  ======================================
 stage       what it does                                           object
@@ -22,9 +23,9 @@ bulk summarization job stored for the version is returned as is when the request
 :meth:`QueryEngine.stored_summary`).
 
 Conversations: a request with ``session_id`` / ``user_id`` first reads those memories
-(:class:`~.sessions.Conversations`, on :attr:`QueryEngine.conversations`): the standalone question they write drives
-routing and clues, their recalls join retrieval (sources ``session`` and ``user``), and the turn is appended to
-the session memory after the answer.
+(:class:`~.sessions.Conversations`, on :attr:`QueryEngine.conversations`): the standalone rewrite and recalls they
+write join retrieval (sources ``session`` and ``user``); the rewrite also routes, writes clues and is answered
+when it keeps the question's content words; the turn is appended to the session memory after the answer.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from collections.abc import Iterator
 from memorag_core.query.answer import Answerer
 from memorag_core.query.catalog import CollectionCatalog
 from memorag_core.query.clues import ClueWriter
+from memorag_core.query.compose import LocalStages, QueryComposition, final_result, run_sync
 from memorag_core.query.retrieve import EvidenceRetriever
-from memorag_core.query.types import QueryLimits, QueryRequest, QueryResult, RoutedUnit, StreamEvent, UnitClues
+from memorag_core.query.types import QueryLimits, QueryRequest, QueryResult, StreamEvent
 from memorag_core.retrieval.fusion import FusionConfig
+from memorag_core.retrieval.queries import PlanConfig
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +101,6 @@ class StoredSummaries:
         return stored
 
 
-def spread(items: list[str], k: int) -> list[str]:
-    """``k`` items evenly spaced over ``items`` (all when there are at most ``k``), in order."""
-    if len(items) <= k:
-        return list(items)
-    step = len(items) / k
-    return [items[int(i * step)] for i in range(k)]
-
-
 class QueryEngine:
     """Answers questions over the collections of one store.
 
@@ -114,7 +109,10 @@ class QueryEngine:
         storage_options: fsspec options for a URL.
         generator: generator spec or object (see :class:`~.answer.Answerer`); None = the collection's memory
             model itself (no second copy of the weights), as the single-process facade does.
-        limits: request bounds. fusion: rank-fusion settings.
+        limits: request bounds.
+        plan: how the question and the clues become fused evidence (sources, grounding, depth, and
+            ``plan.fusion``: the rank-fusion settings, ``question_floor`` included); one setting for every door.
+        fusion: shorthand that replaces ``plan.fusion``.
         cache_bytes: loaded unit memories kept per process.
         device: where the memory model and embedder run.
         refresh_s: how often the live pointer of a collection is re-read.
@@ -122,17 +120,20 @@ class QueryEngine:
     """
 
     def __init__(self, store, storage_options: dict | None = None, *, generator=None,
-                 limits: QueryLimits | None = None, fusion: FusionConfig | None = None, cache_bytes: int = 2 << 30,
+                 limits: QueryLimits | None = None, plan: PlanConfig | None = None,
+                 fusion: FusionConfig | None = None, cache_bytes: int = 2 << 30,
                  device: str | None = None, refresh_s: float = 5.0, session_config=None) -> None:
         self.catalog = CollectionCatalog(store, storage_options, refresh_s=refresh_s)
         self.clue_writer = ClueWriter(self.catalog, cache_bytes=cache_bytes, device=device)
-        self.retriever = EvidenceRetriever(self.catalog, fusion=fusion, device=device or "auto")
+        self.retriever = EvidenceRetriever(self.catalog, plan=plan, fusion=fusion, device=device or "auto")
         self.limits = limits or QueryLimits()
         self._generator_spec = generator
         self._answerer: Answerer | None = None if generator is None else Answerer(generator)
         self.stored_summaries = StoredSummaries(self.catalog)
         self._session_config = session_config
         self._conversations = None
+        self._stages = LocalStages(self)
+        self.composition = QueryComposition(self._stages)
 
     @property
     def conversations(self):
@@ -146,64 +147,27 @@ class QueryEngine:
         return self._conversations
 
     # -- stages ----------------------------------------------------------------------------------------------
-    def answerer_for(self, view) -> Answerer:
-        """The generator: the configured one, else the collection's memory model (shared weights)."""
+    def answerer_for(self, view, *, batch_size: int | None = None) -> Answerer:
+        """The generator: the configured one, else the collection's memory model (shared weights; ``batch_size``:
+        prompts per forward for that one, e.g. the bulk summarization's)."""
         if self._answerer is None:
             from memorag_core.generators import HFGenerator
 
             memory = self.clue_writer.memory_for(view)
-            self._answerer = Answerer(HFGenerator.from_model(memory.model, memory.tokenizer))
+            extra = {"batch_size": batch_size} if batch_size else {}
+            self._answerer = Answerer(HFGenerator.from_model(memory.model, memory.tokenizer, **extra))
+        return self._answerer
+
+    @property
+    def answerer(self) -> Answerer:
+        """The generator made by :meth:`answerer_for` (a query makes it before it runs)."""
+        if self._answerer is None:
+            raise RuntimeError("no generator yet: call answerer_for(view) first")
         return self._answerer
 
     def stored_summary(self, view, request: QueryRequest) -> str | None:
         """The summary the bulk job stored for ``view`` (see :class:`StoredSummaries`), or None."""
         return self.stored_summaries.lookup(view, request)
-
-    def _plan(self, name: str, request: QueryRequest, version: str | None):
-        request.validate(self.limits)
-        t0 = time.perf_counter()
-        view = self.catalog.view(name, version)
-        return view, {"open": time.perf_counter() - t0}
-
-    def _gather(self, view, request: QueryRequest, timings: dict, session=None
-                ) -> tuple[list[RoutedUnit], list[UnitClues], list, list]:
-        """Route, clues and retrieval for ``request`` on ``view``; fills ``timings``. ``session``: a
-        :class:`~.sessions.SessionContext` whose standalone question routes and writes clues, and whose
-        queries join retrieval."""
-        name, version = view.name, view.version
-        question = (session.standalone if session is not None else None) or request.query
-        units: list[RoutedUnit] = []
-        clues: list[UnitClues] = []
-        t = time.perf_counter()
-        if request.task == "memorag":
-            units = self.retriever.route(name, version, question, request.units)
-        elif request.task == "summarize":
-            ids = view.units_of_doc(request.doc_id) if request.doc_id else view.units
-            units = [RoutedUnit(u, 0.0, "document" if request.doc_id else "spread") for u in spread(ids,
-                                                                                                      request.units)]
-        timings["route"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if request.task == "memorag":
-            clues = self.clue_writer.clues(name, version, [u.unit_id for u in units], question,
-                                           max_new_tokens=request.clue_max_new_tokens, with_draft=request.use_draft)
-        elif request.task == "summarize":
-            clues = self.clue_writer.key_points(name, version, [u.unit_id for u in units],
-                                                max_new_tokens=max(request.clue_max_new_tokens, 128))
-        timings["clues"] = time.perf_counter() - t
-        t = time.perf_counter()
-        extra = {"extra": session.queries()} if session is not None else {}
-        evidence, queries = self.retriever.retrieve(name, version, request.query, clues, request.top_k,
-                                                    doc_id=request.doc_id if request.task == "summarize" else None,
-                                                    **extra)
-        timings["retrieve"] = time.perf_counter() - t
-        return units, clues, evidence, queries
-
-    @staticmethod
-    def _evidence_texts(request: QueryRequest, clues: list[UnitClues], evidence) -> list[str]:
-        texts = [e.text for e in evidence]
-        if request.task == "memorag" and request.use_draft:
-            texts += [f"The answer might be {c.draft}." for c in clues if c.draft]
-        return texts
 
     # -- calls -----------------------------------------------------------------------------------------------
     def query(self, name: str, request: QueryRequest, version: str | None = None, *,
@@ -216,52 +180,21 @@ class QueryEngine:
             InvalidInputError: a request field out of bounds (named), an unknown task or document.
             ArtifactNotFoundError: no such collection or version, or session. CorruptArtifactError: damaged artifacts.
         """
-        for event in self.stream(name, request, version, owner=owner):
-            if event.kind == "final":
-                return event.result
-        raise RuntimeError("stream ended without a final event")  # pragma: no cover - stream always ends so
+        return final_result(self.stream(name, request, version, owner=owner))
 
     def stream(self, name: str, request: QueryRequest, version: str | None = None, *,
                owner: str | None = None) -> Iterator[StreamEvent]:
-        """Like :meth:`query`, yielding the answer in pieces (``token`` events) and then a ``final`` event."""
-        t_start = time.perf_counter()
-        view, timings = self._plan(name, request, version)
-        session = None
-        if request.session_id is not None or request.user_id is not None:
+        """Like :meth:`query`, yielding the answer in pieces (``token`` events) and then a ``final`` event.
+
+        Runs the one query composition (:class:`~.compose.QueryComposition`) over this engine's own stage objects.
+        """
+        request.validate(self.limits)
+        t0 = time.perf_counter()
+        view = self.catalog.view(name, version)
+        timings = {"open": time.perf_counter() - t0}
+        if owner is None and (request.session_id is not None or request.user_id is not None):
             from memorag_core.query.sessions import owner_of
 
-            owner = owner or owner_of(None, name)
-            session = self.conversations.prepare(name, owner, request.query, session_id=request.session_id,
-                                                 user_id=request.user_id)
-            timings["session"] = session.seconds
-        if request.task == "summarize":
-            stored = self.stored_summary(view, request)
-            if stored is not None:
-                timings["total"] = time.perf_counter() - t_start
-                yield StreamEvent("token", stored)
-                yield StreamEvent("final", result=QueryResult(stored, name, view.version, request.task,
-                                                              timings=timings))
-                return
-        units, clues, evidence, queries = self._gather(view, request, timings, session)
-        answerer = self.answerer_for(view)
-        t = time.perf_counter()
-        pieces = []
-        question = (session.standalone if session is not None else None) or request.query
-        for piece in answerer.stream(request.task, question, self._evidence_texts(request, clues, evidence),
-                                     max_new_tokens=request.max_new_tokens):
-            pieces.append(piece)
-            yield StreamEvent("token", piece)
-        timings["generate"] = time.perf_counter() - t
-        answer = "".join(pieces).strip()
-        if request.session_id is not None:
-            t = time.perf_counter()
-            self.conversations.record(name, owner, request.session_id, request.query, answer,
-                                      [e.doc_id for e in evidence], session.standalone)
-            timings["session"] += time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_start
-        result = QueryResult(answer, name, view.version, request.task, units=units, clues=clues,
-                             evidence=evidence, timings=timings, retrieval_queries=queries,
-                             session=session.to_dict() if session is not None else None)
-        logger.info("query %s/%s %s: %d units, %d passages, %.2f s", name, view.version, request.task, len(units),
-                    len(evidence), timings["total"])
-        yield StreamEvent("final", result=result)
+            owner = owner_of(None, name)
+        self.answerer_for(view)  # the generator: configured, or this collection's memory model
+        yield from run_sync(self.composition.run(name, view.version, request, owner=owner, timings=timings))

@@ -13,31 +13,55 @@ one is refused by name) and answers two calls that a Serve deployment can make o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from memorag_core.errors import InvalidInputError
-from memorag_core.query.types import Evidence, RoutedUnit, UnitClues
+from memorag_core.query.types import Evidence, QueryRequest, RoutedUnit, UnitClues
 from memorag_core.retrieval.fusion import FusionConfig, fuse
-from memorag_core.retrieval.queries import ClueSet, PlanConfig, plan_queries, rankings_for
+from memorag_core.retrieval.queries import ClueSet, CorpusGrounder, PlanConfig, plan_queries, rankings_for
 
 logger = logging.getLogger(__name__)
 
 
-def clue_queries(query: str | None, clues: list[UnitClues]) -> list[tuple[str, str]]:
-    """(source, text) retrieval queries: the question first, then every unit's spans, surrogates, drafts and key
-    points, in unit order (exact repeats removed later by :func:`drop_restatements`)."""
-    out: list[tuple[str, str]] = [("question", query)] if query else []
-    for c in clues:
-        out += [("span", s) for s in c.spans]
-        out += [("surrogate", s) for s in c.surrogates]
-        out += [("draft", c.draft)] if c.draft else []
-        out += [("key_point", s) for s in c.key_points]
-    return out
+def spread(items: list[str], k: int) -> list[str]:
+    """``k`` items evenly spaced over ``items`` (all when there are at most ``k``), in order."""
+    if len(items) <= k:
+        return list(items)
+    step = len(items) / k
+    return [items[int(i * step)] for i in range(k)]
+
+
+class UnitGrounder:
+    """Grounds recalled spans in the chunks of the units whose memories wrote them (word-trigram overlap,
+    :class:`~memorag_core.retrieval.queries.CorpusGrounder` per unit, cached). The facade's bundle is one unit,
+    so a span is grounded the same way there and in a sharded collection."""
+
+    def __init__(self, view, unit_ids: list[str], cache: "OrderedDict") -> None:
+        self.parts = []
+        for uid in dict.fromkeys(unit_ids):
+            key = (view.name, view.version, uid)
+            g = cache.get(key)
+            if g is None:
+                rows = view.rows_of_units([uid]).tolist()
+                g = CorpusGrounder([view.row(r)["text"] for r in rows], rows)
+                cache[key] = g
+                while len(cache) > 256:
+                    cache.popitem(last=False)
+            else:
+                cache.move_to_end(key)
+            self.parts.append(g)
+
+    def ground(self, span: str, min_overlap: float = 0.5):
+        """(row, overlap) best first over every unit's chunks (see :meth:`CorpusGrounder.ground`)."""
+        found = [hit for g in self.parts for hit in g.ground(span, min_overlap)]
+        return sorted(found, key=lambda kv: -kv[1])
 
 
 class EvidenceRetriever:
@@ -45,22 +69,28 @@ class EvidenceRetriever:
 
     Args:
         catalog: the :class:`~memorag_core.query.catalog.CollectionCatalog`.
-        fusion: how the rankings of the question and the clues are fused.
+        plan: how the question and the clues become rankings and fused evidence (the same
+            :class:`~memorag_core.retrieval.queries.PlanConfig` as the facade's and the evaluation's).
+        fusion: shorthand that replaces ``plan.fusion``.
         embedder_override: an embedder folder to use instead of the manifest's (must give the same dimension;
             it is logged, since vectors from another model do not match the index).
         device: embedder device (``auto``, ``cpu``, ``cuda``).
-        hits_per_query: depth of each query's ranking before fusion (at least the request's ``top_k``).
     """
 
-    def __init__(self, catalog, *, fusion: FusionConfig | None = None, embedder_override: str | None = None,
-                 device: str = "auto", hits_per_query: int = 10) -> None:
+    def __init__(self, catalog, *, plan: PlanConfig | None = None, fusion: FusionConfig | None = None,
+                 embedder_override: str | None = None, device: str = "auto") -> None:
         self.catalog = catalog
-        self.fusion = fusion or FusionConfig()
+        plan = plan or PlanConfig()
+        self.plan = dataclasses.replace(plan, fusion=fusion) if fusion is not None else plan
         self.embedder_override = embedder_override
         self.device = device
-        self.hits_per_query = hits_per_query
         self._embedders: dict[str, Any] = {}
+        self._grounders: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def fusion(self) -> FusionConfig:
+        return self.plan.fusion
 
     def embedder_for(self, view):
         """The embedder of ``view``'s collection (loaded once per embedder id)."""
@@ -86,6 +116,19 @@ class EvidenceRetriever:
     def embed(self, view, texts: list[str]) -> np.ndarray:
         """Query embeddings ``(n, dim)``, normalized."""
         return self.embedder_for(view).encode(list(texts), is_query=True)
+
+    def units(self, name: str, version: str, request: QueryRequest) -> list[RoutedUnit]:
+        """The units that write clues for ``request``: memorag routes the question (:meth:`route`); summarize
+        takes the document's units or ``units`` spread over the collection; qa reads no memory (the version is
+        still opened, so an unknown one fails here, before any work)."""
+        if request.task == "memorag":
+            return self.route(name, version, request.query, request.units)
+        view = self.catalog.view(name, version)
+        if request.task == "summarize":
+            ids = view.units_of_doc(request.doc_id) if request.doc_id else view.units
+            reason = "document" if request.doc_id else "spread"
+            return [RoutedUnit(u, 0.0, reason) for u in spread(ids, request.units)]
+        return []
 
     def route(self, name: str, version: str, query: str, units: int) -> list[RoutedUnit]:
         """Up to ``units`` units for ``query``: the holders of its best dense hits, then the router's picks."""
@@ -125,16 +168,16 @@ class EvidenceRetriever:
         (:mod:`memorag_core.query.sessions`).
         """
         view = self.catalog.view(name, version)
-        clue_set = ClueSet(spans=[s for c in clues for s in c.spans],
-                           surrogates=[s for c in clues for s in c.surrogates],
-                           draft=next((c.draft for c in clues if c.draft), None),
-                           key_points=[s for c in clues for s in c.key_points],
-                           extra=[(s, q) for s, q in (extra or []) if q and q.strip()])
-        # one code path with the facade and the evaluation: clues -> sources -> restatements dropped -> rankings
-        # (spans are not grounded here: a collection's corpus is sharded and too large to hold an n-gram index)
-        plan_config = PlanConfig(depth=max(self.hits_per_query, top_k), ground_spans=False, min_words=0,
-                                 fusion=self.fusion)
-        plan, vecs = plan_queries(query, clue_set, plan_config, embed=lambda texts: self.embed(view, texts))
+        clue_set = clue_set_of(clues, extra)
+        # one code path with the facade and the evaluation: clues -> sources -> restatements dropped -> spans
+        # grounded in the chunks of the units that recalled them -> rankings -> fusion
+        plan_config = dataclasses.replace(self.plan, depth=max(self.plan.depth, top_k))
+        grounder = None
+        if plan_config.ground_spans and any(c.spans for c in clues):
+            with self._lock:
+                grounder = UnitGrounder(view, [c.unit_id for c in clues if c.spans], self._grounders)
+        plan, vecs = plan_queries(query, clue_set, plan_config, embed=lambda texts: self.embed(view, texts),
+                                  grounder=grounder)
         queries = plan.queries
         allowed = set(view.rows_of_doc(doc_id).tolist()) if doc_id else None
         if doc_id and not allowed:
@@ -169,3 +212,14 @@ class EvidenceRetriever:
         return Evidence(doc_id=r["doc_id"], unit_id=r["unit_id"], chunk_id=r["chunk_id"], score=float(score),
                         text=r["text"], sources=list(sources), query=query, start=r.get("doc_start"),
                         end=r.get("doc_end"))
+
+
+def clue_set_of(clues: list[UnitClues], extra: list[tuple[str, str]] | None = None) -> ClueSet:
+    """The clues of every unit as one :class:`~memorag_core.retrieval.queries.ClueSet` (every unit's draft is a
+    query of its own), plus ``extra`` (source, text) queries."""
+    drafts = [c.draft for c in clues if c.draft]
+    return ClueSet(spans=[s for c in clues for s in c.spans], surrogates=[s for c in clues for s in c.surrogates],
+                   draft=drafts[0] if drafts else None, drafts=drafts[1:],
+                   key_points=[s for c in clues for s in c.key_points],
+                   pointers=[p for c in clues for p in c.pointers],
+                   extra=[(s, q) for s, q in (extra or []) if q and q.strip()])

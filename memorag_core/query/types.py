@@ -53,7 +53,8 @@ class QueryRequest:
         top_k: evidence passages handed to the generator.
         clue_max_new_tokens: most tokens per clue generation.
         doc_id: summarize: the document to summarize (None = the collection).
-        use_draft: memorag: also ask each memory for a draft answer (a retrieval query, and a line of evidence).
+        use_draft: memorag: also ask each memory for a draft answer, which joins retrieval as one more query
+            (never as evidence: exactly ``top_k`` passages reach the generator).
         session_id: a conversation session (see :mod:`memorag_core.query.sessions`): its memory rewrites the
             question and adds ``session`` retrieval queries; the turn is recorded after the answer.
         user_id: a user whose lifelong memory adds ``user`` retrieval queries.
@@ -120,6 +121,8 @@ class UnitClues:
         unit_id: the unit.
         spans: recalled text spans. surrogates: surrogate questions. draft: a draft answer (or None).
         key_points: summarize: the memory's key points.
+        pointers: (passage key, score) that the question's attention over the memory points at, best first
+            (empty unless the stage computes them).
         seconds: wall time of this unit's clue decode (memory load included).
         cached: True when the unit's memory came from the in-process cache.
     """
@@ -129,6 +132,7 @@ class UnitClues:
     surrogates: list[str] = field(default_factory=list)
     draft: str | None = None
     key_points: list[str] = field(default_factory=list)
+    pointers: list = field(default_factory=list)
     seconds: float = 0.0
     cached: bool = False
 
@@ -170,6 +174,9 @@ class QueryResult:
         timings: seconds per stage (``route``, ``clues``, ``retrieve``, ``generate``, ``total``).
         retrieval_queries: the queries sent to the retriever, with their sources.
         session: what the session / user memories contributed (``SessionContext.to_dict()``), else None.
+        question: the question that was routed, clued and answered: the request's, or a conversation's standalone
+            rewrite that keeps its content words (see :func:`memorag_core.query.compose.keeps_question`).
+        warnings: what went wrong without failing the query (e.g. a turn that could not be recorded).
     """
 
     answer: str
@@ -182,6 +189,8 @@ class QueryResult:
     timings: dict[str, float] = field(default_factory=dict)
     retrieval_queries: list[tuple[str, str]] = field(default_factory=list)
     session: dict | None = None
+    question: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -98,7 +98,9 @@ class VectorIndex:
         return index
 
     # -- validation ---------------------------------------------------------------------------------------------
-    def _vectors(self, x: np.ndarray, what: str) -> np.ndarray:
+    def check_vectors(self, x: np.ndarray, what: str = "vectors") -> np.ndarray:
+        """``x`` as contiguous float32 ``(n, dim)``, normalized when the metric is cosine; InvalidInputError
+        naming ``what`` for a wrong shape, an empty or non-numeric array, NaN or inf."""
         x = np.asarray(x)
         if x.ndim == 1:
             x = x.reshape(1, -1)  # (1, dim)
@@ -131,7 +133,7 @@ class VectorIndex:
         Raises:
             InvalidInputError: ``n < nlist`` (k-means cannot make nlist lists), or a bad array.
         """
-        x = self._vectors(x, "training vectors")
+        x = self.check_vectors(x, "training vectors")
         if self.config.kind == "flat":
             return
         nlist = self.config.nlist
@@ -152,7 +154,7 @@ class VectorIndex:
             MemoryNotReadyError: an IVF index that has not been trained.
             InvalidInputError: wrong shape, non-finite values, ids of the wrong length, non-integer or negative.
         """
-        x = self._vectors(x, "vectors")
+        x = self.check_vectors(x, "vectors")
         if not self.is_trained:
             raise MemoryNotReadyError("the IVF index is not trained: call train() (or use clone_empty() of a "
                                       "trained index) before add()")
@@ -185,7 +187,7 @@ class VectorIndex:
         """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
             raise InvalidInputError(f"k must be a positive int, got {k!r}")
-        q = self._vectors(q, "queries")  # (nq, dim)
+        q = self.check_vectors(q, "queries")  # (nq, dim)
         if self.config.kind == "ivf":
             self.index.nprobe = self.config.nprobe
         scores, ids = self.index.search(q, int(k))  # (nq, k), (nq, k)

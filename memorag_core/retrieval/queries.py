@@ -43,7 +43,8 @@ class ClueSet:
     """What the memory wrote for one question (any field may be empty).
 
     Attributes:
-        spans: recalled text spans. surrogates: surrogate questions. draft: the draft answer.
+        spans: recalled text spans. surrogates: surrogate questions. draft: the draft answer; drafts: more
+        draft answers (one per further unit), each a query of its own.
         key_points: key points (summaries). pointers: (chunk key, score) pointed at by attention, best first.
         extra: more (source, text) queries from outside the memory (sessions, user memories).
     """
@@ -51,6 +52,7 @@ class ClueSet:
     spans: list[str] = field(default_factory=list)
     surrogates: list[str] = field(default_factory=list)
     draft: str | None = None
+    drafts: list[str] = field(default_factory=list)
     key_points: list[str] = field(default_factory=list)
     pointers: list[tuple[Hashable, float]] = field(default_factory=list)
     extra: list[tuple[str, str]] = field(default_factory=list)
@@ -93,6 +95,57 @@ class PlanConfig:
             raise InvalidInputError(f"unknown clue sources {bad}")
         if not 0 < self.ground_min_overlap <= 1 or self.depth < 1 or self.pointer_depth < 0:
             raise InvalidInputError("ground_min_overlap must be in (0, 1], depth >= 1, pointer_depth >= 0")
+
+    def to_dict(self) -> dict:
+        """JSON-able settings (what a report records and :meth:`from_dict` reads back)."""
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["sources"] = list(self.sources)
+        d["pointer_layers"] = list(self.pointer_layers) if self.pointer_layers is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, data: "dict | PlanConfig | None") -> "PlanConfig":
+        """Settings from a dict (a JSON file, a serve config's ``retriever.plan``, an evaluation config); fields
+        left out keep their defaults, ``fusion`` fields too. Raises InvalidInputError naming an unknown field."""
+        if isinstance(data, cls):
+            return data
+        data = dict(data or {})
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(data) - known)
+        if bad:
+            raise InvalidInputError(f"unknown retrieval plan settings {bad}; known: {sorted(known)}")
+        fusion = data.pop("fusion", None)
+        if fusion is not None and not isinstance(fusion, FusionConfig):
+            fknown = set(FusionConfig.__dataclass_fields__)
+            fbad = sorted(set(fusion) - fknown)
+            if fbad:
+                raise InvalidInputError(f"unknown fusion settings {fbad}; known: {sorted(fknown)}")
+            weights = {**FusionConfig().weights, **dict(fusion.get("weights") or {})}
+            fusion = FusionConfig(**{**fusion, "weights": weights})
+        if "sources" in data:
+            data["sources"] = tuple(data["sources"])
+        if data.get("pointer_layers") is not None:
+            data["pointer_layers"] = tuple(data["pointer_layers"])
+        return cls(**data, **({"fusion": fusion} if fusion is not None else {}))
+
+
+def load_plan_config(path: str | None) -> PlanConfig:
+    """A :class:`PlanConfig` from a JSON file (None: the defaults). The CLI's ``--plan``, the evaluation's and
+    the serve config's ``retriever.plan`` all read the same fields."""
+    if path is None:
+        return PlanConfig()
+    import json
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read retrieval plan settings from {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path} must hold a JSON object of retrieval plan settings")
+    return PlanConfig.from_dict(data)
 
 
 @dataclass
@@ -162,7 +215,7 @@ def plan_queries(question: str | None, clues: ClueSet, config: PlanConfig, *, em
     cand: list[tuple[str, str]] = []
     dropped: list[tuple[str, str, str]] = []
     lists = {"span": clues.spans, "surrogate": clues.surrogates, "key_point": clues.key_points,
-             "draft": [clues.draft] if clues.draft else []}
+             "draft": ([clues.draft] if clues.draft else []) + [d for d in clues.drafts if d]}
     for source in ("span", "surrogate", "draft", "key_point"):
         if source not in config.sources:
             continue

@@ -75,6 +75,20 @@ _VERSION_RE = re.compile(r"^(\d{8}T\d{6}\.\d{6})Z-[0-9a-f]{8}$")
 _UNSET: Any = ...
 
 
+def is_collection_name(name: object) -> bool:
+    """Whether ``name`` is a valid collection name (stays inside the store): :data:`COLLECTION_PATTERN`."""
+    return isinstance(name, str) and bool(_COLLECTION_RE.match(name))
+
+
+def is_version_id(version: object) -> bool:
+    """Whether ``version`` is a version id (e.g. ``20260101T120000.000000Z-1a2b3c4d``)."""
+    return isinstance(version, str) and bool(_VERSION_RE.match(version))
+
+
+#: the pattern a collection name must match
+COLLECTION_PATTERN = _COLLECTION_RE.pattern
+
+
 def _check_collection(name: str) -> str:
     if not isinstance(name, str) or not _COLLECTION_RE.match(name):
         raise InvalidInputError(f"collection name {name!r} must match {_COLLECTION_RE.pattern}")

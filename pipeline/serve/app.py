@@ -5,9 +5,11 @@ import (``import_path: pipeline.serve.app:build_app``); ``args`` is a :class:`~p
 
 A request: the ingress checks the body (limits), the key (per collection) and resolves the collection's live
 version once (the catalog re-reads the pointer at most every ``refresh_s``); then it calls the deployments with
-that ``(collection, version)``::
+that ``(collection, version)``, through the one query composition that every door runs
+(:class:`memorag_core.query.QueryComposition`, over :class:`HandleStages`)::
 
-    retriever.units -> memory.clues (batched) -> retriever.retrieve -> generator.generate | generator.stream
+    memory.session_prepare -> retriever.stored_summary -> retriever.units -> memory.clues (batched)
+    -> retriever.retrieve -> generator.generate | generator.stream -> memory.session_record
 
 so a query in flight finishes on the version it started on, and a version published meanwhile serves the next
 request without a restart. The deployments hold leases on the versions they have loaded, so the store's gc keeps
@@ -31,6 +33,7 @@ from ray import serve
 from ray.serve import Application
 
 from memorag_core.errors import InvalidInputError
+from memorag_core.query.compose import QueryComposition, Stages
 from memorag_core.query.types import QueryRequest, QueryResult, StreamEvent
 from pipeline.serve.config import ServeAppConfig
 from pipeline.serve.deployments import Generator, MemoryWorker, Retriever
@@ -105,6 +108,7 @@ class Ingress:
         self.keys = ApiKeyStore(self.catalog.store)
         self._verdicts: dict[tuple[str, str], tuple[str, float]] = {}
         self.memory, self.retriever, self.generator = memory, retriever, generator
+        self.composition = QueryComposition(HandleStages(memory, retriever, generator))
         self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -150,9 +154,9 @@ class Ingress:
     async def resolve_version(self, name: str, version: str | None) -> str:
         """The version a request runs on: the one it names (checked) or the live one, resolved once here."""
         if version is not None:
-            from memorag_core.store.collection import _VERSION_RE
+            from memorag_core.store.collection import is_version_id
 
-            if not isinstance(version, str) or not _VERSION_RE.match(version):
+            if not is_version_id(version):
                 raise ApiError(422, f"version {version!r} is not a version id (e.g. "
                                     "20260101T120000.000000Z-1a2b3c4d)", param="version")
             return version
@@ -168,77 +172,23 @@ class Ingress:
                      owner: str | None = None) -> AsyncIterator[StreamEvent]:
         """Answer ``request`` over ``name``: ``token`` events (only when ``stream``), then a ``final`` event.
 
-        With ``session_id`` / ``user_id``, the memory worker first reads those memories (``owner``'s): their
-        standalone question routes, writes clues and is what the generator answers; their recalls join retrieval;
-        the turn is recorded after the answer.
+        The one query composition (:class:`memorag_core.query.QueryComposition`) runs over the deployment handles;
+        the ingress only validates, resolves the version once and records the stage timings.
         """
-        import dataclasses
-
-        from memorag_core.query.engine import QueryEngine
         from memorag_core.query.sessions import owner_of
 
         request.validate(self.limits)
-        t_start = time.perf_counter()
+        t = time.perf_counter()
         version = await self.resolve_version(name, version)
-        timings: dict[str, float] = {}
-        session = None
+        timings = {"open": time.perf_counter() - t}
         owner = owner or owner_of(None, name)
-        if request.session_id is not None or request.user_id is not None:
-            t = time.perf_counter()
-            session = await self.memory.session_prepare.remote(name, owner, request.query, request.session_id,
-                                                               request.user_id)
-            timings["session"] = time.perf_counter() - t
-        asked = dataclasses.replace(request, query=session.standalone) if session and session.standalone else request
-        if request.task == "summarize":
-            stored = await self.retriever.stored_summary.remote(name, version, request)
-            if stored is not None:
-                timings["total"] = time.perf_counter() - t_start
-                if stream:
-                    yield StreamEvent("token", stored)
-                yield StreamEvent("final", result=QueryResult(stored, name, version, request.task, timings=timings))
-                return
-        t = time.perf_counter()
-        units = await self.retriever.units.remote(name, version, asked)
-        timings["route"] = time.perf_counter() - t
-        t = time.perf_counter()
-        ids = [u.unit_id for u in units]
-        clues = []
-        if request.task == "memorag":
-            clues = await self.memory.clues.remote(name, version, ids, asked.query, request.clue_max_new_tokens,
-                                                   request.use_draft)
-        elif request.task == "summarize":
-            clues = await self.memory.key_points.remote(name, version, ids, max(request.clue_max_new_tokens, 128))
-        timings["clues"] = time.perf_counter() - t
-        t = time.perf_counter()
-        evidence, queries = await self.retriever.retrieve.remote(
-            name, version, request.query, clues, request.top_k,
-            request.doc_id if request.task == "summarize" else None, session.queries() if session else None)
-        timings["retrieve"] = time.perf_counter() - t
-        texts = QueryEngine._evidence_texts(request, clues, evidence)
-        t = time.perf_counter()
-        if stream:
-            pieces = []
-            gen = self.generator.options(stream=True).stream.remote(request.task, asked.query, texts,
-                                                                   request.max_new_tokens)
-            async for piece in gen:
-                pieces.append(piece)
-                yield StreamEvent("token", piece)
-            answer = "".join(pieces).strip()
-        else:
-            answer = await self.generator.generate.remote(request.task, asked.query, texts,
-                                                          request.max_new_tokens)
-        timings["generate"] = time.perf_counter() - t
-        if request.session_id is not None:
-            t = time.perf_counter()
-            await self.memory.session_record.remote(name, owner, request.session_id, request.query, answer,
-                                                    [e.doc_id for e in evidence], session.standalone)
-            timings["session"] += time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t_start
-        self.metrics.stages(timings)
-        yield StreamEvent("final", result=QueryResult(answer, name, version, request.task, units=units,
-                                                      clues=clues, evidence=evidence, timings=timings,
-                                                      retrieval_queries=queries,
-                                                      session=session.to_dict() if session else None))
+        async for event in self.composition.run(name, version, request, owner=owner, stream=stream,
+                                                timings=timings):
+            if event.kind == "final":
+                self.metrics.stages(event.result.timings)
+                yield event
+            elif stream:
+                yield event
 
     async def query(self, name: str, request: QueryRequest, version: str | None = None, *,
                     owner: str | None = None) -> QueryResult:
@@ -261,6 +211,62 @@ class Ingress:
         return out
 
 
+class HandleStages(Stages):
+    """The composition's stages over deployment handles: each call is one ``.remote`` awaited."""
+
+    def __init__(self, memory, retriever, generator) -> None:
+        super().__init__(retriever=_RetrieverCalls(retriever), memory=_MemoryCalls(memory),
+                         generator=_GeneratorCalls(generator), sessions=_SessionCalls(memory))
+
+
+class _RetrieverCalls:
+    def __init__(self, handle) -> None:
+        self.h = handle
+
+    async def stored_summary(self, name, version, request):
+        return await self.h.stored_summary.remote(name, version, request)
+
+    async def units(self, name, version, request):
+        return await self.h.units.remote(name, version, request)
+
+    async def retrieve(self, name, version, query, clues, top_k, doc_id=None, extra=None):
+        return await self.h.retrieve.remote(name, version, query, clues, top_k, doc_id, extra)
+
+
+class _MemoryCalls:
+    def __init__(self, handle) -> None:
+        self.h = handle
+
+    async def clues(self, name, version, unit_ids, query, max_new_tokens, with_draft=False):
+        return await self.h.clues.remote(name, version, unit_ids, query, max_new_tokens, with_draft)
+
+    async def key_points(self, name, version, unit_ids, max_new_tokens):
+        return await self.h.key_points.remote(name, version, unit_ids, max_new_tokens)
+
+
+class _SessionCalls:
+    def __init__(self, handle) -> None:
+        self.h = handle
+
+    async def prepare(self, name, owner, query, session_id, user_id):
+        return await self.h.session_prepare.remote(name, owner, query, session_id, user_id)
+
+    async def record(self, name, owner, session_id, question, answer, doc_ids, standalone):
+        return await self.h.session_record.remote(name, owner, session_id, question, answer, doc_ids, standalone)
+
+
+class _GeneratorCalls:
+    def __init__(self, handle) -> None:
+        self.h = handle
+
+    async def generate(self, task, query, evidence, max_new_tokens):
+        return await self.h.generate.remote(task, query, evidence, max_new_tokens)
+
+    async def stream(self, task, query, evidence, max_new_tokens):
+        async for piece in self.h.options(stream=True).stream.remote(task, query, evidence, max_new_tokens):
+            yield piece
+
+
 def bearer(authorization: str | None) -> str | None:
     """The key of an ``Authorization: Bearer <key>`` header, else None."""
     if not authorization:
@@ -273,10 +279,10 @@ def bearer(authorization: str | None) -> str | None:
 
 def check_collection_name(name: str) -> str:
     """A collection name that stays inside the store (422 naming ``collection`` otherwise)."""
-    from memorag_core.store.collection import _COLLECTION_RE
+    from memorag_core.store.collection import COLLECTION_PATTERN, is_collection_name
 
-    if not isinstance(name, str) or not _COLLECTION_RE.match(name):
-        raise ApiError(422, f"collection name {name!r} must match {_COLLECTION_RE.pattern}", param="collection")
+    if not is_collection_name(name):
+        raise ApiError(422, f"collection name {name!r} must match {COLLECTION_PATTERN}", param="collection")
     return name
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from memorag_core.query.types import QueryLimits
 
@@ -109,6 +109,27 @@ class RetrieverConfig(_Strict):
     deployment: DeploymentOptions = Field(default_factory=lambda: DeploymentOptions(num_cpus=0.5,
                                                                                     max_ongoing_requests=16))
     device: str = Field("auto", description="embedder device (auto, cpu, cuda)")
+    plan: dict[str, Any] = Field(default_factory=dict, description="retrieval plan settings "
+                                 "(memorag_core.retrieval.queries.PlanConfig fields: sources, depth, ground_spans, "
+                                 "fusion: {rrf_k, weights, question_floor, ...}); the same fields as the CLI's "
+                                 "--plan file and the evaluation's plan; empty: the library defaults")
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_ok(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from memorag_core.retrieval.queries import PlanConfig
+
+        try:
+            PlanConfig.from_dict(v)
+        except Exception as exc:  # noqa: BLE001 - reported as a validation error naming the field
+            raise ValueError(str(exc)) from None
+        return v
+
+    def plan_config(self):
+        """The :class:`~memorag_core.retrieval.queries.PlanConfig` these settings describe."""
+        from memorag_core.retrieval.queries import PlanConfig
+
+        return PlanConfig.from_dict(self.plan)
 
 
 class GeneratorConfig(_Strict):

@@ -145,25 +145,12 @@ class Retriever(_CatalogOwner):
 
         cfg: RetrieverConfig = app.retriever
         self._open_catalog(app)
-        self.retriever = EvidenceRetriever(self.catalog, device=cfg.device)
+        self.retriever = EvidenceRetriever(self.catalog, plan=app.retriever.plan_config(), device=cfg.device)
         self.stored_summaries = StoredSummaries(self.catalog)
-
-    def _units(self, name: str, version: str, request: QueryRequest) -> list[RoutedUnit]:
-        from memorag_core.query.engine import spread
-
-        if request.task == "memorag":
-            return self.retriever.route(name, version, request.query, request.units)
-        if request.task == "summarize":
-            view = self.catalog.view(name, version)
-            ids = view.units_of_doc(request.doc_id) if request.doc_id else view.units
-            reason = "document" if request.doc_id else "spread"
-            return [RoutedUnit(u, 0.0, reason) for u in spread(ids, request.units)]
-        self.catalog.view(name, version)  # qa: no units, but an unknown version fails here, before any work
-        return []
 
     async def units(self, name: str, version: str, request: QueryRequest) -> list[RoutedUnit]:
         """The units that write clues for ``request`` (memorag: route; summarize: the document's or a spread)."""
-        return await asyncio.to_thread(self._units, name, version, request)
+        return await asyncio.to_thread(self.retriever.units, name, version, request)
 
     async def retrieve(self, name: str, version: str, query: str | None, clues: list[UnitClues], top_k: int,
                        doc_id: str | None = None, extra: list[tuple[str, str]] | None = None):
