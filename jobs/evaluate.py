@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(_flag(f.name), help=help_text, default=None)
         elif tp is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif tp is dict or typing.get_origin(tp) is dict:
+            parser.add_argument(_flag(f.name), type=json_arg, default=default_of(f),
+                                help=help_text + " (a JSON object, or the path of a JSON file)")
         elif typing.get_origin(tp) is tuple:
             parser.add_argument(_flag(f.name), nargs="+", default=list(default), help=help_text)
         else:
@@ -65,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write one table from these prediction files into --output-dir; no models are run")
     parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING")
     return parser
+
+
+def default_of(f: dataclasses.Field):
+    """A dataclass field's default (its factory's value for a mutable default)."""
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default if f.default is not dataclasses.MISSING else None
+
+
+def json_arg(text: str) -> dict:
+    """A JSON object given inline or as the path of a JSON file (argparse reports a ValueError as a usage error)."""
+    import json
+    from pathlib import Path
+
+    raw = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:

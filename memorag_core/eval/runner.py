@@ -103,6 +103,7 @@ class EvalConfig:
     window: int = field(default=1024, metadata=_d("memory prefill window in tokens"))
     positions: str = field(default="compact", metadata=_d("memory positions: compact or original"))
     hits: int = field(default=3, metadata=_d("chunks retrieved per retrieval query (k of recall@k)"))
+    units: int = field(default=4, metadata=_d("over a published collection: most unit memories that write clues"))
     chunk_size: int | None = field(default=None, metadata=_d(
         "retrieval chunk budget in the embedder's tokens; None: the embedder's limit (all-MiniLM-L6-v2: 254); a "
         "passage that fits is never split, and a size above the embedder's limit is refused"))
@@ -116,6 +117,16 @@ class EvalConfig:
     share_clues: bool = field(default=True, metadata=_d(
         "decode the clues once per example: memorag_draft's batch (spans, surrogates, draft) also gives memorag "
         "its spans and surrogates; otherwise memorag decodes its own batch of two (slower, same prompts)"))
+    plan: dict = field(default_factory=dict, metadata=_d(
+        "retrieval plan settings (memorag_core.retrieval.queries.PlanConfig fields, fusion included): the same "
+        "fields as the serve config's retriever.plan and the CLI's --plan; empty: the library defaults"))
+    store: str | None = field(default=None, metadata=_d(
+        "pooled setting over a published collection: the store URL (with collection); questions then run through "
+        "the query engine, as served, instead of a pool memorized in this process"))
+    collection: str | None = field(default=None, metadata=_d(
+        "pooled setting over a published collection: its name (with store); its documents' doc_id are the "
+        "passage titles, so recall is read from the evidence's doc_id"))
+    storage_options: dict | None = field(default=None, metadata=_d("fsspec options of store (e.g. endpoint_url)"))
     overwrite: bool = field(default=False, metadata=_d(
         "start afresh even if predictions.json exists with a different config (it is replaced)"))
 
@@ -137,11 +148,26 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidInputError(f"{name} must be a positive integer or None, got {value!r}")
+        if (self.store is None) != (self.collection is None):
+            raise InvalidInputError("store and collection go together (the pooled setting over a published "
+                                    "collection)")
+        if self.collection is not None and "per_question" in self.settings:
+            raise InvalidInputError("a published collection is a pool: run it with settings=('pooled',)")
+        if self.collection is not None and any(m in ("full", "rag_matched") for m in self.modes):
+            raise InvalidInputError("over a published collection the modes are rag, memorag and memorag_draft")
+        self.plan_config()  # unknown plan fields are named here
+
+    def plan_config(self):
+        """The :class:`~memorag_core.retrieval.queries.PlanConfig` of :attr:`plan`."""
+        from memorag_core.retrieval.queries import PlanConfig
+
+        return PlanConfig.from_dict(self.plan)
 
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change predictions: a resumed run must match them."""
         d = dataclasses.asdict(self)
-        for k in ("output_dir", "limit", "modes", "settings", "overwrite", "device", "pooled_examples"):
+        for k in ("output_dir", "limit", "modes", "settings", "overwrite", "device", "pooled_examples",
+                  "storage_options"):
             d.pop(k)
         return d
 
@@ -214,6 +240,7 @@ class EvalRunner:
         self._chunkers: dict[int, Any] = {self.chunk_size: self.chunker}
         # memories by compression ratio, all sharing the pipeline's loaded memory model
         self._clue_cache: dict[str, tuple[Any, float]] = {}
+        self._engine = None
         self._memories: dict[int, Any] = {self.pipeline.memory.config.ratio: self.pipeline.memory}
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -224,7 +251,7 @@ class EvalRunner:
         return MemoRAG(mem_model_name_or_path=c.mem_model, ret_model_name_or_path=c.ret_model,
                        gen_model_name_or_path=c.gen_model, ret_hit=c.hits, retrieval_chunk_size=c.chunk_size,
                        memory_config=self._memory_config(c.ratio), generator=c.generator,
-                       clue_max_new_tokens=c.clue_max_new_tokens)
+                       clue_max_new_tokens=c.clue_max_new_tokens, plan_config=c.plan_config())
 
     def _memory_config(self, ratio: int) -> Any:
         from memorag_core.memory import MemoryConfig
@@ -302,6 +329,13 @@ class EvalRunner:
             raise InvalidInputError("no examples to evaluate")
         results = self._load_or_new()
         results["machine"] = _machine()
+        results["path"] = {
+            "per_question": "the query composition's clue, retrieve and generate steps over each question's "
+                            "paragraphs as a one-unit bundle (memorag_core.facade.BundleStages)",
+            "pooled": (f"the query engine over published collection {self.config.collection!r} (store "
+                       f"{self.config.store}), as served" if self.config.collection else
+                       "the query composition's steps over one bundle of the pooled paragraphs"),
+            "plan": self.config.plan_config().to_dict()}
         for setting in self.config.settings:
             block = results["settings"].setdefault(
                 setting, {"predictions": {m: {} for m in self.config.modes}, "wall_seconds": 0.0, "info": {}})
@@ -358,8 +392,53 @@ class EvalRunner:
             if progress:
                 progress(f"per_question {i + 1}/{len(examples)} {ex.id}")
 
+    def _run_collection(self, examples, results, block, progress) -> None:
+        """The pooled setting over a published collection: each question through the query engine, as served
+        (route, clues from the routed units' memories, shard search, fusion, generation)."""
+        from memorag_core.query import QueryEngine, QueryRequest
+
+        c = self.config
+        if self._engine is None:
+            self._engine = QueryEngine(c.store, c.storage_options, generator=c.generator, plan=c.plan_config(),
+                                       device=None if c.device == "auto" else c.device)
+        block["info"].update({"collection": c.collection, "store": c.store})
+        self._block = block
+        todo = [ex for ex in examples if self._todo(block, ex)]
+        for i, ex in enumerate(todo):
+            for mode in self._todo(block, ex):
+                request = QueryRequest(ex.question, task="qa" if mode == "rag" else "memorag",
+                                       max_new_tokens=c.answer_max_new_tokens, units=c.units, top_k=c.hits,
+                                       clue_max_new_tokens=c.clue_max_new_tokens, use_draft=mode == "memorag_draft")
+                block["predictions"][mode][ex.id] = self.engine_record(ex, self._engine.query(c.collection, request))
+            self._save(results)
+            if progress:
+                progress(f"pooled (collection {c.collection}) {i + 1}/{len(todo)} {ex.id}")
+
+    def engine_record(self, ex: EvalExample, result) -> dict[str, Any]:
+        """The prediction record of one query engine result (titles are the evidence's ``doc_id``)."""
+        titles = [e.doc_id for e in result.evidence]
+        record: dict[str, Any] = {
+            "question": ex.question, "answers": list(ex.answers), "supporting_titles": list(ex.supporting_titles),
+            "task": ex.task, "meta": ex.meta, "version": result.version,
+            "clues": {"spans": [s for u in result.clues for s in u.spans],
+                      "surrogates": [s for u in result.clues for s in u.surrogates],
+                      "draft_answer": next((u.draft for u in result.clues if u.draft), None)},
+            "retrieval_queries": [q for _, q in result.retrieval_queries],
+            "evidence_chunk_ids": [e.chunk_id for e in result.evidence], "evidence_titles": titles,
+            "recall_at_k": evidence_recall(titles[: self.config.hits], ex.supporting_titles),
+            "recall_evidence": evidence_recall(titles, ex.supporting_titles),
+            "prediction": result.answer, "scores": self._score(result.answer, ex),
+            "seconds": {k: v for k, v in result.timings.items() if k in ("route", "clues", "retrieve", "generate")},
+            "tokens_read": self.count_tokens(ex.question) + sum(self.count_tokens(e.text) for e in result.evidence),
+            "tokens_generated": self.count_tokens(result.answer),
+        }
+        return record
+
     def _run_pooled(self, examples, results, block, progress) -> None:
         c = self.config
+        if c.collection is not None:
+            self._run_collection(examples, results, block, progress)
+            return
         pool_n = c.pooled_examples or len(examples)
         pool_examples = examples[:pool_n]
         passages = pooled_passages(pool_examples)
@@ -580,6 +659,12 @@ class EvalRunner:
         notes = []
         m = results.get("machine", {})
         notes.append(f"machine: {m.get('platform')}, {m.get('cpus')} CPUs, GPU {m.get('gpu')}, torch {m.get('torch')}")
+        path = results.get("path") or {}
+        for setting in results["settings"]:
+            if setting in path:
+                notes.append(f"{setting} path: {path[setting]}")
+        if path.get("plan") is not None:
+            notes.append(f"retrieval plan (fusion included): {path['plan']}")
         for setting, block in results["settings"].items():
             line = f"{setting}: wall time {block.get('wall_seconds', 0.0):.0f} s (summed over resumed sessions)"
             info = block.get("info") or {}

@@ -52,13 +52,21 @@ class ChatBody(BaseModel):
     user: Optional[str] = Field(None, description="the end user: their lifelong memory joins retrieval")
 
 
+def message_text(m: ChatMessage) -> str:
+    """The text of a chat message: its string content, or its ``text`` parts joined by newlines."""
+    if isinstance(m.content, str):
+        return m.content
+    if isinstance(m.content, list):
+        return "\n".join(str(p.get("text", "")) for p in m.content if p.get("type") == "text")
+    return ""
+
+
 def last_user_text(messages: list[ChatMessage]) -> str:
+    """The text of the last user message (400 naming ``messages`` when it has none)."""
     for m in reversed(messages):
         if m.role == "user":
-            if isinstance(m.content, str):
-                return m.content
-            if isinstance(m.content, list):
-                return "\n".join(str(p.get("text", "")) for p in m.content if p.get("type") == "text")
+            if m.content is not None:
+                return message_text(m)
             break
     raise ApiError(400, "messages holds no user message with text", param="messages")
 
@@ -77,14 +85,6 @@ def _memorag_extra(result) -> dict:
     return {k: d[k] for k in ("version", "task", "clues", "evidence", "timings", "session")}
 
 
-def _text(m: ChatMessage) -> str:
-    if isinstance(m.content, str):
-        return m.content
-    if isinstance(m.content, list):
-        return "\n".join(str(p.get("text", "")) for p in m.content if p.get("type") == "text")
-    return ""
-
-
 async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: str) -> None:
     """Earlier turns -> the history's session (``request.session_id``); ``user`` -> ``request.user_id``."""
     from memorag_core.query.sessions import check_user_id
@@ -93,7 +93,7 @@ async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: s
         request.user_id = check_user_id(body.user)
     if not any(m.role == "assistant" for m in body.messages):
         return
-    messages = [{"role": m.role, "content": _text(m)} for m in body.messages if m.role in ("system", "user",
+    messages = [{"role": m.role, "content": message_text(m)} for m in body.messages if m.role in ("system", "user",
                                                                                            "assistant")]
     sid, _ = await ingress.memory.session_sync.remote(body.model, owner, messages, request.user_id)
     request.session_id = sid or None
