@@ -133,6 +133,9 @@ def ask(
     use_memory_answer: bool = typer.Option(False, help="the memory also writes a draft answer, which joins "
                                            "retrieval as one more query"),
     show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
+    plan: Optional[str] = typer.Option(None, help="JSON file of retrieval plan settings (PlanConfig fields: "
+                                       "sources, depth, ground_spans, fusion {weights, question_floor, ...}); the "
+                                       "same fields as the serve config's retriever.plan"),
 ) -> None:
     """Answer a question from a published collection (--collection, --store) or a saved bundle (--from).
 
@@ -147,11 +150,14 @@ def ask(
         _ask_collection(question, collection, store, version=version, task=task, units=units, top_k=top_k,
                         doc_id=doc_id, generator=generator, max_new_tokens=max_new_tokens,
                         clue_max_new_tokens=clue_max_new_tokens, use_draft=use_memory_answer,
-                        show_clues=show_clues, s3_endpoint=s3_endpoint)
+                        show_clues=show_clues, s3_endpoint=s3_endpoint, plan=plan)
         return
     config = stored_memory_config(from_dir, model=model, kind=kind, ratio=ratio, window=window, positions=positions)
     embedder, chunk_size = stored_retrieval(from_dir, embedder)
     pipe = _pipeline(config, embedder, generator, hits, chunk_size)
+    from memorag_core.retrieval.queries import load_plan_config
+
+    pipe.plan_config = load_plan_config(plan)
     pipe.load(from_dir)  # refuses a bundle embedded with another model, by name
     pipe.clue_max_new_tokens = clue_max_new_tokens
     start = time.perf_counter()
@@ -173,12 +179,15 @@ def ask(
 
 def _ask_collection(question: Optional[str], collection: str, store: str, *, version: Optional[str], task: str,
                     units: int, top_k: int, doc_id: Optional[str], generator: Optional[str], max_new_tokens: int,
-                    clue_max_new_tokens: int, use_draft: bool, show_clues: bool, s3_endpoint: Optional[str]) -> None:
+                    clue_max_new_tokens: int, use_draft: bool, show_clues: bool, s3_endpoint: Optional[str],
+                    plan: Optional[str] = None) -> None:
     """``memorag ask --collection``: the query engine in this process; the answer streams, then the evidence."""
     from memorag_core.query import QueryEngine, QueryRequest
 
     options = {"endpoint_url": s3_endpoint} if s3_endpoint else None
-    engine = QueryEngine(store, options, generator=generator)
+    from memorag_core.retrieval.queries import load_plan_config
+
+    engine = QueryEngine(store, options, generator=generator, plan=load_plan_config(plan))
     request = QueryRequest(question, task=task, max_new_tokens=max_new_tokens, units=units, top_k=top_k,
                            clue_max_new_tokens=clue_max_new_tokens, doc_id=doc_id, use_draft=use_draft)
     typer.echo("answer: ", nl=False)

@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         from memorag_core.eval.datasets import load_examples
         from memorag_core.eval.report import markdown_table, rows_from_results
 
-        examples = load_examples(config.dataset, config.dataset_format, config.limit, config.task)
+        examples = load_examples(config.dataset, config.dataset_format,
+                                 None if config.limit is None else config.offset + config.limit,
+                                 config.task)[config.offset:]
         logger.info("evaluating %d examples, modes %s, settings %s", len(examples), config.modes, config.settings)
         runner = EvalRunner(config)
         results = runner.run(examples, progress=lambda msg: logger.info("done %s", msg))

@@ -84,6 +84,8 @@ class EvalConfig:
     task: str = field(default="auto", metadata=_d(
         "LongBench task: auto (summary for LongBench's summarization datasets), qa or summary"))
     limit: int | None = field(default=None, metadata=_d("evaluate only the first N examples (None: all)"))
+    offset: int = field(default=0, metadata=_d(
+        "skip the first N examples of the file (a held-out slice: --offset 100 --limit 100 is questions 101-200)"))
     modes: tuple[str, ...] = field(default=MODES, metadata=_d(f"modes to run, a subset of {MODES}"))
     settings: tuple[str, ...] = field(default=SETTINGS, metadata=_d(f"corpus settings to run, a subset of {SETTINGS}"))
     pooled_examples: int | None = field(default=None, metadata=_d(
@@ -148,6 +150,8 @@ class EvalConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidInputError(f"{name} must be a positive integer or None, got {value!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
+            raise InvalidInputError(f"offset must be an integer >= 0, got {self.offset!r}")
         if (self.store is None) != (self.collection is None):
             raise InvalidInputError("store and collection go together (the pooled setting over a published "
                                     "collection)")
@@ -166,7 +170,7 @@ class EvalConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The fields that change predictions: a resumed run must match them."""
         d = dataclasses.asdict(self)
-        for k in ("output_dir", "limit", "modes", "settings", "overwrite", "device", "pooled_examples",
+        for k in ("output_dir", "limit", "offset", "modes", "settings", "overwrite", "device", "pooled_examples",
                   "storage_options"):
             d.pop(k)
         return d

@@ -162,3 +162,28 @@ def test_plan_settings_are_one_typed_object_for_every_door(tiny_collection):
     assert RetrieverConfig.model_validate({"plan": plan.to_dict()}).plan_config() == plan
     engine = QueryEngine(tiny_collection.store, plan=plan, device="cpu")
     assert engine.retriever.plan == plan and engine.retriever.fusion.question_floor == 2
+
+
+def test_a_follow_up_with_the_embedded_model_keeps_its_question(embedded_collection):
+    """SmolLM2-135M can rewrite a follow-up into an instruction echo; whatever it writes, the answered question
+    keeps the follow-up's content words, and the rewrite (when any) joins retrieval."""
+    from memorag_core.query.sessions import SessionConfig
+
+    engine = QueryEngine(embedded_collection.store, refresh_s=0.0, device="cpu",
+                         session_config=SessionConfig(standalone_tokens=24, recall_tokens=8))
+    owner = "tester"
+    state = engine.conversations.sessions.create("facts", owner)
+    fast = dict(units=1, top_k=2, max_new_tokens=6, clue_max_new_tokens=6)
+    first = engine.query("facts", QueryRequest("Who built the lighthouse of Varnholm?", session_id=state.session_id,
+                                               **fast), owner=owner)
+    assert first.question == "Who built the lighthouse of Varnholm?" and not first.warnings
+    follow = "In which year did its lamp stop burning whale oil?"
+    r = engine.query("facts", QueryRequest(follow, session_id=state.session_id, **fast), owner=owner)
+    assert r.session["turn"] == 2
+    rewrite = r.session["standalone"]
+    assert keeps_question(follow, r.question)  # the answered question never loses the follow-up's content
+    if rewrite:
+        assert ("session", rewrite) in r.retrieval_queries
+        assert r.question == (rewrite if keeps_question(follow, rewrite) else follow)
+    else:
+        assert r.question == follow

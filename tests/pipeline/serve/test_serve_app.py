@@ -143,6 +143,47 @@ def test_openai_client_chat_completions_and_models(served):
         client.chat.completions.create(model="facts", messages=msgs, max_tokens=10**6)
 
 
+def test_one_request_four_doors_same_evidence_and_same_greedy_answer(served, tmp_path):
+    """`memorag ask --collection --json`, the native API, the OpenAI-compatible chat route and the evaluation over
+    the published collection run one composition: same version, same evidence ids, same greedy answer."""
+    import openai
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+    from memorag_core.eval.datasets import load_examples
+    from memorag_core.eval.runner import EvalConfig, EvalRunner
+    from tests.fixtures.collections import FACTS
+
+    settings = {"units": 2, "top_k": 2, "clue_max_new_tokens": 6}
+    cli = CliRunner().invoke(app, ["ask", QUESTION, "--collection", "facts", "--store", served.store, "--units", "2",
+                                   "--top-k", "2", "--clue-max-new-tokens", "6", "--max-new-tokens", "8", "--json"])
+    assert cli.exit_code == 0, cli.output
+    by_cli = json.loads(cli.stdout)
+    native = post(served, {"query": QUESTION, "max_new_tokens": 8, **settings})
+    assert native.status_code == 200, native.text
+    by_http = native.json()
+    assert set(by_cli) == set(by_http)  # `ask --json` prints the HTTP API's object
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=served.key, max_retries=0, timeout=300)
+    chat = client.chat.completions.create(model="facts", messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=8, extra_body=settings)
+    by_chat = chat.model_extra["memorag"]
+    dataset = tmp_path / "one.jsonl"
+    dataset.write_text(json.dumps({"id": "q1", "question": QUESTION, "answer": "Elsa Brandt",
+                                   "supporting_facts": {"title": ["lighthouse"], "sent_id": [0]},
+                                   "context": {"title": list(FACTS), "sentences": [[v] for v in FACTS.values()]}})
+                       + "\n")
+    config = EvalConfig(dataset=str(dataset), output_dir=str(tmp_path / "eval"), settings=("pooled",),
+                        modes=("memorag",), store=served.store, collection="facts", hits=2, units=2,
+                        clue_max_new_tokens=6, answer_max_new_tokens=8, device="cpu")
+    record = EvalRunner(config).run(load_examples(dataset))["settings"]["pooled"]["predictions"]["memorag"]["q1"]
+
+    ids = [[e["chunk_id"] for e in d["evidence"]] for d in (by_cli, by_http, by_chat)] + [record["evidence_chunk_ids"]]
+    assert all(i == ids[0] for i in ids) and len(ids[0]) == 2, ids
+    answers = [by_cli["answer"], by_http["answer"], chat.choices[0].message.content, record["prediction"]]
+    assert all(a == answers[0] for a in answers), answers
+    assert {by_cli["version"], by_http["version"], by_chat["version"], record["version"]} == {served.version}
+
+
 def test_keys_missing_unknown_other_collection_and_revoked(served):
     body = {"query": QUESTION, "task": "qa", "top_k": 1, "max_new_tokens": 1}
     r = post(served, body, key=None)
