@@ -161,20 +161,9 @@ def ask(
     pipe.load(from_dir)  # refuses a bundle embedded with another model, by name
     pipe.clue_max_new_tokens = clue_max_new_tokens
     start = time.perf_counter()
-    typer.echo("answer: ", nl=False)
-    result = None
-    for event in pipe.stream(question, task, max_new_tokens=max_new_tokens, use_memory_answer=use_memory_answer):
-        if event.kind == "token":
-            typer.echo(event.text, nl=False)
-        else:
-            result = event.result
-    typer.echo("")
-    if show_clues and result is not None and task == "memorag":
-        typer.echo("retrieval queries:")
-        for source, q in result.retrieval_queries:
-            typer.echo(f"  [{source}] {q}")
-        typer.echo(f"retrieved {len(result.evidence)} chunks ({result.timings.get('clues', 0.0):.1f}s for clues)")
-    typer.echo(f"({time.perf_counter() - start:.1f}s)")
+    print_events(pipe.stream(question, task, max_new_tokens=max_new_tokens, use_memory_answer=use_memory_answer),
+                 show_clues)
+    typer.echo(f"({time.perf_counter() - start:.1f}s in all)")
 
 
 def _ask_collection(question: Optional[str], collection: str, store: str, *, version: Optional[str], task: str,
@@ -190,15 +179,23 @@ def _ask_collection(question: Optional[str], collection: str, store: str, *, ver
     engine = QueryEngine(store, options, generator=generator, plan=load_plan_config(plan))
     request = QueryRequest(question, task=task, max_new_tokens=max_new_tokens, units=units, top_k=top_k,
                            clue_max_new_tokens=clue_max_new_tokens, doc_id=doc_id, use_draft=use_draft)
+    print_events(engine.stream(collection, request, version), show_clues)
+
+
+def print_events(events, show_clues: bool) -> None:
+    """Stream a query's answer, then its clues, evidence and timings (every ``ask`` door prints this way)."""
     typer.echo("answer: ", nl=False)
     result = None
-    for event in engine.stream(collection, request, version):
+    for event in events:
         if event.kind == "token":
             typer.echo(event.text, nl=False)
         else:
             result = event.result
     typer.echo("")
-    assert result is not None
+    if result is None:  # pragma: no cover - a composition always ends with a final event
+        raise RuntimeError("the query ended without a result")
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if show_clues and result.clues:
         typer.echo("clues:")
         for c in result.clues:
@@ -207,7 +204,7 @@ def _ask_collection(question: Optional[str], collection: str, store: str, *, ver
                     typer.echo(f"  [{c.unit_id[:8]} {kind}] {line}")
             if c.draft:
                 typer.echo(f"  [{c.unit_id[:8]} draft] {c.draft}")
-    typer.echo(f"evidence ({collection} @ {result.version}):")
+    typer.echo(f"retrieved {len(result.evidence)} passages; evidence ({result.collection} @ {result.version}):")
     for i, e in enumerate(result.evidence, 1):
         text = " ".join(e.text.split())
         typer.echo(f"  {i}. {e.doc_id}  score {e.score:.4f}  [{', '.join(e.sources)}]  "

@@ -174,11 +174,11 @@ def test_a_follow_up_with_the_embedded_model_keeps_its_question(embedded_collect
     owner = "tester"
     state = engine.conversations.sessions.create("facts", owner)
     fast = dict(units=1, top_k=2, max_new_tokens=6, clue_max_new_tokens=6)
-    first = engine.query("facts", QueryRequest("Who built the lighthouse of Varnholm?", session_id=state.session_id,
+    first = engine.query("facts", QueryRequest("Who built the lighthouse of Varnholm?", session_id=state.id,
                                                **fast), owner=owner)
     assert first.question == "Who built the lighthouse of Varnholm?" and not first.warnings
     follow = "In which year did its lamp stop burning whale oil?"
-    r = engine.query("facts", QueryRequest(follow, session_id=state.session_id, **fast), owner=owner)
+    r = engine.query("facts", QueryRequest(follow, session_id=state.id, **fast), owner=owner)
     assert r.session["turn"] == 2
     rewrite = r.session["standalone"]
     assert keeps_question(follow, r.question)  # the answered question never loses the follow-up's content
