@@ -179,3 +179,26 @@ def test_chunks_fit_the_embedder_and_a_bundle_refuses_another_embedder(tiny_lm_d
     other.embedder.name = "some/other-embedder"
     with pytest.raises(InvalidInputError, match="some/other-embedder"):
         other.load(str(tmp_path / "b"))
+
+
+def test_the_facade_runs_the_query_composition_over_its_bundle(pipe, book):
+    """A bundle is a one-unit collection: __call__/stream run the engine's composition (exactly ret_hit passages
+    reach the generator, the draft is a query, qa is plain RAG), and the stage methods agree with it."""
+    pipe.memorize(book)
+    q = "Who lives at number four, Privet Drive?"
+    events = list(pipe.stream(q, "memorag", max_new_tokens=6, use_memory_answer=True))
+    assert events[-1].kind == "final" and all(e.kind == "token" for e in events[:-1])
+    r = events[-1].result
+    assert r.collection == "bundle" and [u.unit_id for u in r.units] == ["bundle"] and r.clues[0].unit_id == "bundle"
+    assert len(r.evidence) == pipe.ret_hit  # no "The answer might be" line beside the passages
+    assert r.answer == "".join(e.text for e in events[:-1]).strip() == pipe(query=q, max_new_tokens=6,
+                                                                           use_memory_answer=True)
+    clues = pipe.clues(q, use_memory_answer=True)
+    assert [h.chunk_id for h in pipe.evidence(q, clues)] == [int(e.chunk_id) for e in r.evidence]
+    assert pipe.answer_from_evidence(q, [e.text for e in r.evidence], max_new_tokens=6) == r.answer
+    qa = pipe.stream(q, "qa", max_new_tokens=4)
+    qa = [e for e in qa if e.kind == "final"][0].result
+    assert qa.units == [] and qa.clues == [] and qa.retrieval_queries == [("question", q)]
+    assert [int(e.chunk_id) for e in qa.evidence] == [h.chunk_id for h in pipe.evidence(q, None)]
+    with pytest.raises(InvalidInputError, match="placeholder"):
+        pipe(query=q, prompt_template="{nope} {context}", max_new_tokens=2)
