@@ -121,7 +121,7 @@ def memorize(
             usage_error(ctx, "give PATH --save-dir DIR (a bundle), or --corpus URL --collection NAME (the job)")
         wrong = [k for k, v in bundle.items() if v]
         if wrong:
-            usage_error(ctx, f"{', '.join(wrong)}: bundle options (with PATH), not options of the corpus job")
+            usage_error(ctx, f"{', '.join(wrong)}: bundle option(s) (with PATH), not for the corpus job")
         from jobs.memorize import run_job_command
 
         run_job_command(job)
@@ -129,7 +129,7 @@ def memorize(
     job_only = sorted(set(given(job)) - {"memory_model", "memory_kind", "ratio", "embedder", "max_chars"})
     if job_only:
         names = ", ".join("--" + n.replace("_", "-").replace("corpus-format", "format") for n in job_only)
-        usage_error(ctx, f"{names}: options of the corpus job, not of a bundle from PATH")
+        usage_error(ctx, f"{names}: corpus job option(s), not for a bundle from PATH")
     if not save_dir:
         usage_error(ctx, "memorizing PATH into a bundle needs --save-dir DIR")
     memorize_bundle(path, save_dir, model=job.memory_model, embedder=job.embedder,
@@ -325,7 +325,7 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: str = typer.Argument(..., help="the key id (the 16 hex characters after 'mrg_'), or the key"),
+    key_id: str = typer.Argument(..., metavar="KEY_ID", help="the key id (the 16 hex characters after 'mrg_'), or the key"),
     store: str = typer.Option(..., "--store", help="store root"),
     collection: str = typer.Option(..., "--collection", help="the collection of the key"),
 ) -> None:
@@ -366,9 +366,13 @@ def _open_store(ctx: typer.Context, store: Optional[str], s3_endpoint: Optional[
     """The :class:`CollectionStore` at ``store``; a missing ``--store`` is a usage error, a bad URL the store's."""
     if not store:
         usage_error(ctx, "--store URL is required (or set $MEMORAG_STORE)")
+    from memorag_core.errors import InvalidInputError
     from memorag_core.store import CollectionStore
 
-    return CollectionStore(store, {"endpoint_url": s3_endpoint} if s3_endpoint else None)
+    st = CollectionStore(store, {"endpoint_url": s3_endpoint} if s3_endpoint else None)
+    if "://" not in store and not Path(st.root).is_dir():
+        raise InvalidInputError(f"store {store} does not exist")
+    return st
 
 
 def _size(n: int) -> str:

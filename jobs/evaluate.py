@@ -98,7 +98,7 @@ def merge(paths: list[str], out_dir: str) -> str:
     return markdown_table(rows_from_results(merged))
 
 
-app = typer.Typer(add_completion=False, help="Evaluate standard RAG against MemoRAG on a dataset.")
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Evaluate standard RAG against MemoRAG on a dataset.")
 
 
 @app.command(name="evaluate")

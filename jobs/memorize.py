@@ -323,14 +323,14 @@ def _embedded_embedder() -> str:
     return EMBEDDED_EMBEDDER
 
 
-app = typer.Typer(add_completion=False, help="Memorize a corpus into a new version of a collection (Ray job).")
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Memorize a corpus into a new version of a collection (Ray job).")
 
 
 @app.command(name="memorize")
 @with_options(flags=MemorizeJobFlags)
 def memorize_job(*, flags: MemorizeJobFlags) -> None:
     """Memorize a corpus into a new version of a collection: validated documents, unit memories, chunks, index
-    shards and router, published atomically (a Ray job; the same flags as ``memorag memorize --corpus``)."""
+    shards and router, published atomically (a Ray job; the same options as `memorag memorize --corpus`)."""
     run_job_command(flags)
 
 

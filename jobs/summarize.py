@@ -497,14 +497,14 @@ def summary_preview(store_url: str, collection: str, storage_options: dict | Non
     return "\n".join(lines)
 
 
-app = typer.Typer(add_completion=False, help="Summarize a published collection (Ray job).")
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Summarize a published collection (Ray job).")
 
 
 @app.command(name="summarize")
 @with_options(flags=SummarizeJobFlags)
 def summarize_job(*, flags: SummarizeJobFlags) -> None:
     """Summarize a published collection: unit, document and collection summaries, incrementally, into a
-    versioned summaries namespace of the store (a Ray job; the same flags as ``memorag summarize``)."""
+    versioned summaries namespace of the store (a Ray job; the same options as `memorag summarize`)."""
     run_job_command(flags)
 
 
