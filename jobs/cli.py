@@ -23,6 +23,7 @@ errors of the library print ``error: ...`` and exit with 2 (:func:`jobs.options.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -33,7 +34,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from jobs.evaluate import evaluate_command
-from jobs.options import MemorizeJobFlags, SummarizeJobFlags, given, run_app, usage_error, with_options
+from jobs.options import MemorizeJobFlags, SummarizeJobFlags, run_app, usage_error, with_options
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
                   help="MemoRAG: memory-augmented retrieval-augmented generation.")
@@ -126,7 +127,8 @@ def memorize(
 
         run_job_command(job)
         return
-    job_only = sorted(set(given(job)) - {"memory_model", "memory_kind", "ratio", "embedder", "max_chars"})
+    job_only = [f.name for f in dataclasses.fields(job) if ctx.get_parameter_source(f.name).name == "COMMANDLINE"
+                and f.name not in ("memory_model", "memory_kind", "ratio", "embedder", "max_chars")]
     if job_only:
         names = ", ".join("--" + n.replace("_", "-").replace("corpus-format", "format") for n in job_only)
         usage_error(ctx, f"{names}: corpus job option(s), not for a bundle from PATH")
@@ -168,8 +170,8 @@ def ask(
     s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint URL of an s3:// store"),
     json_output: bool = typer.Option(False, "--json", help="collection: print the answer as the HTTP API's JSON "
                                      "object (POST /v1/collections/{name}/query), nothing else"),
-    task: Literal["memorag", "qa", "summarize"] = typer.Option("memorag", help="qa (bundle: memory only; collection: plain RAG) | memorag (clues + "
-                                             "retrieval) | summarize"),
+    task: Literal["memorag", "qa", "summarize"] = typer.Option(
+        "memorag", help="qa (bundle: memory only; collection: plain RAG) | memorag (clues + retrieval) | summarize"),
     model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
     embedder: Optional[str] = typer.Option(None, help="embedder (default: the one the bundle records; another "
                                            "one is refused by name)"),
@@ -325,7 +327,8 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: str = typer.Argument(..., metavar="KEY_ID", help="the key id (the 16 hex characters after 'mrg_'), or the key"),
+    key_id: str = typer.Argument(..., metavar="KEY_ID",
+                                 help="the key id (the 16 hex characters after 'mrg_'), or the key"),
     store: str = typer.Option(..., "--store", help="store root"),
     collection: str = typer.Option(..., "--collection", help="the collection of the key"),
 ) -> None:

@@ -98,7 +98,8 @@ def merge(paths: list[str], out_dir: str) -> str:
     return markdown_table(rows_from_results(merged))
 
 
-app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Evaluate standard RAG against MemoRAG on a dataset.")
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown",
+                  help="Evaluate standard RAG against MemoRAG on a dataset.")
 
 
 @app.command(name="evaluate")
@@ -106,7 +107,8 @@ app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Evalu
 def evaluate_command(
     ctx: typer.Context,
     predictions: Annotated[Optional[list[Path]], typer.Argument(
-        metavar="[PREDICTIONS_JSON]...", help="with --merge: finished predictions.json files to put side by side", show_default=False)] = None,
+        metavar="[PREDICTIONS_JSON]...", help="with --merge: finished predictions.json files to put side by side",
+        show_default=False)] = None,
     merge_runs: Annotated[bool, typer.Option(
         "--merge", help="write one table and chart from the PREDICTIONS files into --output-dir; no models run")
     ] = False,

@@ -323,7 +323,8 @@ def _embedded_embedder() -> str:
     return EMBEDDED_EMBEDDER
 
 
-app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Memorize a corpus into a new version of a collection (Ray job).")
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown",
+                  help="Memorize a corpus into a new version of a collection (Ray job).")
 
 
 @app.command(name="memorize")

@@ -96,12 +96,6 @@ def usage_error(ctx: typer.Context, message: str) -> None:
     ctx.fail(message)
 
 
-def given(obj: Any) -> dict[str, Any]:
-    """The fields of a flags dataclass that were given (not None / False)."""
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
-            if getattr(obj, f.name) is not None and getattr(obj, f.name) is not False}
-
-
 def _config_file(path: Optional[Path]) -> dict:
     """The JSON of a ``--config`` file (``{}`` without one); InvalidInputError names an unreadable file."""
     from memorag_core.errors import InvalidInputError
@@ -161,7 +155,8 @@ class MemorizeJobFlags:
     id_column: Annotated[Optional[str], typer.Option(
         help="doc id column (default doc_id)", rich_help_panel=_JOB)] = None
     memory_model: Annotated[Optional[str], typer.Option(
-        "--memory-model", "--model", help="memory model folder or hub id (default: embedded SmolLM2)", rich_help_panel=_BOTH)] = None
+        "--memory-model", "--model", help="memory model folder or hub id (default: embedded SmolLM2)",
+        rich_help_panel=_BOTH)] = None
     memory_kind: Annotated[Optional[Literal["compressed_kv", "full_kv", "gist", "beacon"]], typer.Option(
         "--memory-kind", "--kind", help="memory kind (default compressed_kv)", rich_help_panel=_BOTH)] = None
     ratio: Annotated[Optional[int], typer.Option(

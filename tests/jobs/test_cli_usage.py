@@ -49,6 +49,7 @@ USAGE_ERRORS = [
     (["memorize", "--corpus", "c.jsonl", "--collection", "x", "--actors", "0"], "Invalid value for '--actors'",
      "memorize"),
     (["memorize", "book.txt", "-o", "b", "--actors", "2"], "--actors: corpus job option", "memorize"),
+    (["memorize", "book.txt", "--store", STORE], "--store: corpus job option", "memorize"),
     (["memorize", "--corpus", "c.jsonl", "--window", "64"], "--window: bundle option", "memorize"),
     (["summarize", "--bogus"], "No such option: --bogus", "summarize"),
     (["summarize", "--collection", "c", "--fan-in", "two"], "Invalid value for '--fan-in'", "summarize"),
@@ -102,7 +103,7 @@ def test_help_lists_every_job_and_every_option_of_the_corpus_job(capsys):
     code, out, _ = run(capsys, ["memorize", "--help"])
     assert code == 0
     for f in dataclasses.fields(MemorizeJobFlags):  # the corpus job's options, all of them
-        option = f.metadata.get("option") or "--" + f.name.replace("_", "-").replace("corpus-format", "format")
+        option = "--" + f.name.replace("_", "-").replace("corpus-format", "format")
         assert option in out, option
     assert "--save-dir" in out and "Corpus job (Ray)" in out and "Bundle (one process)" in out
     code, out, _ = run(capsys, ["summarize", "--help"])
