@@ -1,31 +1,45 @@
-"""The ``memorag`` command.
+"""The ``memorag`` command: one command tree for every job (``memorag --help`` lists them).
 
 * ``memorag memorize PATH --save-dir DIR``: one process, no Ray: memorize a text file (or a folder of .txt files)
   into a bundle (memory + chunks + index) at DIR (local folder or ``s3://``), with a progress bar and stats.
+* ``memorag memorize --corpus URL --collection NAME --store URL``: the corpus-scale Ray Data job
+  (``jobs.memorize``; the same options as ``python -m jobs.memorize``), on the local Ray unless ``--ray-address`` /
+  ``RAY_ADDRESS`` says otherwise.
 * ``memorag ask "QUESTION" --from DIR``: answer from a saved bundle (``--task qa|memorag|summarize``).
 * ``memorag ask "QUESTION" --collection NAME --store URL``: answer over a published collection with the query
-  engine (``memorag_core.query``): the answer streams, then the evidence with doc ids.
-* ``memorag memorize --corpus URL --collection NAME ...``: the corpus-scale Ray Data job (``jobs.memorize``),
-  on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
-* ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
+  engine (``memorag_core.query``): the answer streams, then the evidence with doc ids (``--json``: the HTTP API's
+  answer object).
 * ``memorag summarize --collection NAME --store URL ...``: bulk, incremental summaries of a published collection
-  (``jobs.summarize``), on the local Ray unless ``--ray-address`` / ``RAY_ADDRESS`` says otherwise.
+  (``jobs.summarize``, the same options as ``python -m jobs.summarize``).
+* ``memorag evaluate ...``: the evaluation harness (``jobs.evaluate``).
 * ``memorag serve --store URL``: the HTTP API on a local Ray + Serve (``jobs.serve``, ``pipeline.serve``).
 * ``memorag keys create|revoke|list --store URL --collection NAME``: API keys per collection.
+* ``memorag collections --store URL`` / ``memorag collections show NAME --store URL``: what a store holds.
+* ``memorag gc --store URL [--dry-run]``: delete old versions and unused unit memories (the store's gc).
+
+Usage errors (unknown option, missing argument, bad value) print the usage line and the message and exit with 2;
+errors of the library print ``error: ...`` and exit with 2 (:func:`jobs.options.run_app`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from jobs.evaluate import evaluate_command
+from jobs.options import MemorizeJobFlags, SummarizeJobFlags, run_app, usage_error, with_options
+
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
                   help="MemoRAG: memory-augmented retrieval-augmented generation.")
+
+_BUNDLE = "Bundle (one process): PATH --save-dir DIR"
 
 
 def read_context(path: Path) -> str:
@@ -79,21 +93,56 @@ def stored_retrieval(bundle_dir: str, embedder: Optional[str]) -> tuple[Optional
 
 
 @app.command()
+@with_options(job=MemorizeJobFlags)
 def memorize(
-    path: Path = typer.Argument(..., help="a text file, or a folder of .txt files"),
-    save_dir: str = typer.Option(..., "--save-dir", "-o", help="bundle folder: local path or s3://bucket/prefix"),
-    model: Optional[str] = typer.Option(None, help="memory model folder or hub id (default: embedded SmolLM2)"),
-    embedder: Optional[str] = typer.Option(None, help="embedder folder or hub id (default: embedded MiniLM)"),
-    kind: str = typer.Option("compressed_kv", help="memory kind: compressed_kv | full_kv | gist | beacon"),
-    ratio: int = typer.Option(4, help="compression ratio (window tokens per kept entry)"),
-    window: int = typer.Option(1024, help="tokens per prefill window"),
-    positions: str = typer.Option("compact", help="compact | original"),
-    chunk_size: Optional[int] = typer.Option(None, help="retrieval chunk size in the embedder's tokens (default: "
-                                             "the embedder's limit; a larger size is refused)"),
-    max_chars: Optional[int] = typer.Option(None, help="read only the first N characters (quick trials)"),
-    storage_dtype: Optional[str] = typer.Option(None, help="store K/V as int8 or fp8 (default: keep dtype)"),
+    ctx: typer.Context,
+    path: Annotated[Optional[Path], typer.Argument(
+        metavar="PATH", help="a text file, or a folder of .txt files, to memorize into a bundle (--save-dir)",
+        show_default=False)] = None,
+    save_dir: Annotated[Optional[str], typer.Option(
+        "--save-dir", "-o", help="bundle folder: local path or s3://bucket/prefix", rich_help_panel=_BUNDLE)] = None,
+    window: Annotated[int, typer.Option(min=1, help="tokens per prefill window", rich_help_panel=_BUNDLE)] = 1024,
+    positions: Annotated[Literal["compact", "original"], typer.Option(
+        help="memory positions", rich_help_panel=_BUNDLE)] = "compact",
+    chunk_size: Annotated[Optional[int], typer.Option(
+        min=1, help="retrieval chunk size in the embedder's tokens (default: the embedder's limit; a larger size "
+                    "is refused)", rich_help_panel=_BUNDLE)] = None,
+    storage_dtype: Annotated[Optional[Literal["int8", "fp8"]], typer.Option(
+        help="store K/V as int8 or fp8 (default: keep dtype)", rich_help_panel=_BUNDLE)] = None,
+    *,
+    job: MemorizeJobFlags,
 ) -> None:
-    """Memorize a text (or a folder of texts) into a bundle: memory, chunks and index."""
+    """Memorize a text or folder into a bundle (`memorag memorize PATH --save-dir DIR`, one process), or a corpus
+    into a new version of a collection (`memorag memorize --corpus URL --collection NAME --store URL`, a Ray job:
+    the same options as `python -m jobs.memorize`)."""
+    bundle = {"--" + n.replace("_", "-"): ctx.get_parameter_source(n).name in ("COMMANDLINE", "ENVIRONMENT")
+              for n in ("save_dir", "window", "positions", "chunk_size", "storage_dtype")}
+    if path is None:
+        if not (job.corpus or job.collection or job.config):
+            usage_error(ctx, "give PATH --save-dir DIR (a bundle), or --corpus URL --collection NAME (the job)")
+        wrong = [k for k, v in bundle.items() if v]
+        if wrong:
+            usage_error(ctx, f"{', '.join(wrong)}: bundle option(s) (with PATH), not for the corpus job")
+        from jobs.memorize import run_job_command
+
+        run_job_command(job)
+        return
+    job_only = [f.name for f in dataclasses.fields(job) if ctx.get_parameter_source(f.name).name == "COMMANDLINE"
+                and f.name not in ("memory_model", "memory_kind", "ratio", "embedder", "max_chars")]
+    if job_only:
+        names = ", ".join("--" + n.replace("_", "-").replace("corpus-format", "format") for n in job_only)
+        usage_error(ctx, f"{names}: corpus job option(s), not for a bundle from PATH")
+    if not save_dir:
+        usage_error(ctx, "memorizing PATH into a bundle needs --save-dir DIR")
+    memorize_bundle(path, save_dir, model=job.memory_model, embedder=job.embedder,
+                    kind=job.memory_kind or "compressed_kv", ratio=job.ratio or 4, window=window,
+                    positions=positions, chunk_size=chunk_size, max_chars=job.max_chars, storage_dtype=storage_dtype)
+
+
+def memorize_bundle(path: Path, save_dir: str, *, model: Optional[str], embedder: Optional[str], kind: str,
+                    ratio: int, window: int, positions: str, chunk_size: Optional[int], max_chars: Optional[int],
+                    storage_dtype: Optional[str]) -> None:
+    """``memorag memorize PATH``: memorize a text (or a folder of texts) into a bundle: memory, chunks, index."""
     from memorag_core.memory import MemoryConfig
 
     text = read_context(path)
@@ -108,7 +157,9 @@ def memorize(
 
 @app.command()
 def ask(
-    question: Optional[str] = typer.Argument(None, help="the question (omit with --task summarize)"),
+    ctx: typer.Context,
+    question: Optional[str] = typer.Argument(None, metavar="QUESTION", show_default=False,
+                                             help="the question (omit with --task summarize)"),
     from_dir: Optional[str] = typer.Option(None, "--from", help="bundle written by `memorag memorize PATH`"),
     collection: Optional[str] = typer.Option(None, help="published collection to ask (with --store)"),
     store: Optional[str] = typer.Option(None, help="store root of --collection: folder or s3://bucket/prefix"),
@@ -117,16 +168,20 @@ def ask(
     top_k: int = typer.Option(5, help="collection: passages handed to the generator"),
     doc_id: Optional[str] = typer.Option(None, help="collection, --task summarize: the document to summarize"),
     s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint URL of an s3:// store"),
-    task: str = typer.Option("memorag", help="qa (plain RAG: the question alone retrieves) | memorag (clues + "
-                                             "retrieval) | summarize"),
+    json_output: bool = typer.Option(False, "--json", help="print the answer as the HTTP API's JSON object "
+                                     "(POST /v1/collections/{name}/query), nothing else"),
+    task: Literal["memorag", "qa", "summarize"] = typer.Option(
+        "memorag", help="qa (plain RAG: the question alone retrieves) | memorag (clues + retrieval) | summarize"),
     model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
     embedder: Optional[str] = typer.Option(None, help="embedder (default: the one the bundle records; another "
                                            "one is refused by name)"),
     generator: Optional[str] = typer.Option(None, help="generator spec: path, hf:ID, vllm:ID, openai:MODEL@URL"),
-    kind: Optional[str] = typer.Option(None, help="memory kind (default: from the bundle)"),
+    kind: Optional[Literal["compressed_kv", "full_kv", "gist", "beacon"]] = typer.Option(
+        None, help="memory kind (default: from the bundle)"),
     ratio: Optional[int] = typer.Option(None, help="compression ratio (default: from the bundle)"),
     window: Optional[int] = typer.Option(None, help="prefill window (default: from the bundle)"),
-    positions: Optional[str] = typer.Option(None, help="compact | original (default: from the bundle)"),
+    positions: Optional[Literal["compact", "original"]] = typer.Option(
+        None, help="compact | original (default: from the bundle)"),
     hits: int = typer.Option(3, help="chunks handed to the generator (fused over the question and its clues)"),
     max_new_tokens: int = typer.Option(128, help="most tokens in the answer"),
     clue_max_new_tokens: int = typer.Option(64, help="most tokens per clue (spans, surrogate questions, draft)"),
@@ -140,17 +195,15 @@ def ask(
     """Answer a question from a published collection (--collection, --store) or a saved bundle (--from).
 
     Bundle memory settings are read from the bundle; flags override them."""
-    from memorag_core.errors import InvalidInputError
-
     if (collection is None) == (from_dir is None):
-        raise InvalidInputError("give either --collection NAME --store URL, or --from BUNDLE_DIR")
+        usage_error(ctx, "give either --collection NAME --store URL, or --from BUNDLE_DIR")
     if collection is not None:
         if not store:
-            raise InvalidInputError("--collection needs --store URL")
+            usage_error(ctx, "--collection needs --store URL")
         _ask_collection(question, collection, store, version=version, task=task, units=units, top_k=top_k,
                         doc_id=doc_id, generator=generator, max_new_tokens=max_new_tokens,
                         clue_max_new_tokens=clue_max_new_tokens, use_draft=use_memory_answer,
-                        show_clues=show_clues, s3_endpoint=s3_endpoint, plan=plan)
+                        show_clues=show_clues, s3_endpoint=s3_endpoint, plan=plan, json_output=json_output)
         return
     config = stored_memory_config(from_dir, model=model, kind=kind, ratio=ratio, window=window, positions=positions)
     embedder, chunk_size = stored_retrieval(from_dir, embedder)
@@ -161,16 +214,18 @@ def ask(
     pipe.load(from_dir)  # refuses a bundle embedded with another model, by name
     pipe.clue_max_new_tokens = clue_max_new_tokens
     start = time.perf_counter()
-    print_events(pipe.stream(question, task, max_new_tokens=max_new_tokens, use_memory_answer=use_memory_answer),
-                 show_clues)
-    typer.echo(f"({time.perf_counter() - start:.1f}s in all)")
+    emit(pipe.stream(question, task, max_new_tokens=max_new_tokens, use_memory_answer=use_memory_answer),
+         show_clues, json_output)
+    if not json_output:
+        typer.echo(f"({time.perf_counter() - start:.1f}s in all)")
 
 
 def _ask_collection(question: Optional[str], collection: str, store: str, *, version: Optional[str], task: str,
                     units: int, top_k: int, doc_id: Optional[str], generator: Optional[str], max_new_tokens: int,
                     clue_max_new_tokens: int, use_draft: bool, show_clues: bool, s3_endpoint: Optional[str],
-                    plan: Optional[str] = None) -> None:
-    """``memorag ask --collection``: the query engine in this process; the answer streams, then the evidence."""
+                    plan: Optional[str] = None, json_output: bool = False) -> None:
+    """``memorag ask --collection``: the query engine in this process; the answer streams, then the evidence.
+    With ``json_output`` it prints only :meth:`QueryResult.to_api` (the HTTP API's answer object)."""
     from memorag_core.query import QueryEngine, QueryRequest
 
     options = {"endpoint_url": s3_endpoint} if s3_endpoint else None
@@ -179,11 +234,22 @@ def _ask_collection(question: Optional[str], collection: str, store: str, *, ver
     engine = QueryEngine(store, options, generator=generator, plan=load_plan_config(plan))
     request = QueryRequest(question, task=task, max_new_tokens=max_new_tokens, units=units, top_k=top_k,
                            clue_max_new_tokens=clue_max_new_tokens, doc_id=doc_id, use_draft=use_draft)
-    print_events(engine.stream(collection, request, version), show_clues)
+    emit(engine.stream(collection, request, version), show_clues, json_output)
+
+
+def emit(events, show_clues: bool, json_output: bool) -> None:
+    """Print a query's events: the HTTP API's JSON object alone (``json_output``), or the streamed answer and
+    then its clues, evidence and timings (every ``ask`` door prints this way)."""
+    if json_output:
+        from memorag_core.query.compose import final_result
+
+        typer.echo(json.dumps(final_result(events).to_api(), ensure_ascii=False))
+        return
+    print_events(events, show_clues)
 
 
 def print_events(events, show_clues: bool) -> None:
-    """Stream a query's answer, then its clues, evidence and timings (every ``ask`` door prints this way)."""
+    """Stream a query's answer, then its clues, evidence and timings."""
     typer.echo("answer: ", nl=False)
     result = None
     for event in events:
@@ -213,18 +279,17 @@ def print_events(events, show_clues: bool) -> None:
     typer.echo("(" + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + ")")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                "help_option_names": []})
-def summarize(ctx: typer.Context) -> None:
-    """Summarize a published collection: unit, document and collection summaries, incrementally (Ray job).
+@app.command()
+@with_options(flags=SummarizeJobFlags)
+def summarize(*, flags: SummarizeJobFlags) -> None:
+    """Summarize a published collection: unit, document and collection summaries, incrementally, into a versioned
+    summaries namespace of the store (a Ray job; the same options as `python -m jobs.summarize`)."""
+    from jobs.summarize import run_job_command
 
-    Every flag goes to ``jobs.summarize`` (``memorag summarize --help`` lists them).
-    """
-    from jobs.summarize import main as summarize_main
+    run_job_command(flags)
 
-    code = summarize_main(list(ctx.args))
-    if code:
-        raise typer.Exit(code)
+
+app.command("evaluate")(evaluate_command)
 
 
 @app.command()
@@ -272,7 +337,8 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(
-    key_id: str = typer.Argument(..., help="the key id (the 16 hex characters after 'mrg_'), or the key"),
+    key_id: str = typer.Argument(..., metavar="KEY_ID",
+                                 help="the key id (the 16 hex characters after 'mrg_'), or the key"),
     store: str = typer.Option(..., "--store", help="store root"),
     collection: str = typer.Option(..., "--collection", help="the collection of the key"),
 ) -> None:
@@ -296,35 +362,150 @@ def keys_list(
         typer.echo(f"{r.key_id}\t{r.created_at}\t{r.label}")
 
 
+# -- the store at a glance ----------------------------------------------------------------------------------------
+collections_app = typer.Typer(add_completion=False, rich_markup_mode="markdown",
+                              help="What a store holds: `memorag collections --store URL` lists the collections; "
+                                   "`memorag collections show NAME --store URL` lists one's versions.")
+app.add_typer(collections_app, name="collections")
+
+StoreOpt = Annotated[Optional[str], typer.Option(
+    "--store", envvar="MEMORAG_STORE", show_envvar=False,
+    help="store root: local folder or s3://bucket/prefix (default $MEMORAG_STORE)")]
+S3EndpointOpt = Annotated[Optional[str], typer.Option(help="S3-compatible endpoint URL of an s3:// store")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (for scripts) instead of a table")]
+
+
+def _open_store(ctx: typer.Context, store: Optional[str], s3_endpoint: Optional[str]):
+    """The :class:`CollectionStore` at ``store``; a missing ``--store`` is a usage error, a bad URL the store's."""
+    if not store:
+        usage_error(ctx, "--store URL is required (or set $MEMORAG_STORE)")
+    from memorag_core.errors import InvalidInputError
+    from memorag_core.store import CollectionStore
+
+    st = CollectionStore(store, {"endpoint_url": s3_endpoint} if s3_endpoint else None)
+    if "://" not in store and not Path(st.root).is_dir():
+        raise InvalidInputError(f"store {store} does not exist")
+    return st
+
+
+def _size(n: int) -> str:
+    """Bytes in a unit people read: 1.2 MB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain text table: left-aligned columns, a rule under the header."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@collections_app.callback(invoke_without_command=True)
+def collections(ctx: typer.Context, store: StoreOpt = None, s3_endpoint: S3EndpointOpt = None,
+                json_output: JsonOpt = False) -> None:
+    """The collections of a store: live version, when it was published, documents, units, tokens, bytes (of the
+    live version, its unit memories included), live summaries version and API keys."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from memorag_core.store.overview import store_overview
+
+    rows = store_overview(_open_store(ctx, store, s3_endpoint))
+    if json_output:
+        typer.echo(json.dumps({"collections": [r.to_dict() for r in rows]}, indent=1))
+        return
+    if not rows:
+        typer.echo(f"no collections at {store}")
+        return
+    header = ["collection", "live version", "published at", "documents", "units", "tokens", "bytes", "summaries",
+              "keys"]
+    typer.echo(_table(header, [[r.collection, r.live_version or "-", (r.published_at or "-")[:19],
+                                f"{r.documents:,}", f"{r.units:,}", f"{r.tokens:,}", _size(r.bytes),
+                                r.summaries_version or "-", str(r.keys)] for r in rows]))
+
+
+@collections_app.command("show")
+def collections_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the collection", show_default=False)],
+    store: StoreOpt = None, s3_endpoint: S3EndpointOpt = None, json_output: JsonOpt = False,
+) -> None:
+    """The versions of one collection, oldest first, and what each added or removed (units, documents)."""
+    from memorag_core.store.overview import collection_overview, version_history
+
+    st = _open_store(ctx, store, s3_endpoint)
+    info = collection_overview(st, name)
+    history = version_history(st, name)
+    if json_output:
+        typer.echo(json.dumps({**info.to_dict(), "history": [v.to_dict() for v in history]}, indent=1))
+        return
+    typer.echo(f"{name} at {st.url}: live {info.live_version or '(none)'}, summaries "
+               f"{info.summaries_version or '(none)'}, {info.keys} API keys")
+    header = ["version", "created at", "live", "documents", "units", "tokens", "bytes", "+docs", "-docs", "+units",
+              "-units"]
+    typer.echo(_table(header, [[v.version, v.created_at[:19], "*" if v.live else "", f"{v.documents:,}",
+                                f"{v.units:,}", f"{v.tokens:,}", _size(v.bytes), str(len(v.documents_added)),
+                                str(len(v.documents_removed)), str(len(v.units_added)), str(len(v.units_removed))]
+                               for v in history]))
+    for v in history:
+        for label, ids in (("added", v.documents_added), ("removed", v.documents_removed)):
+            if ids and v is not history[0]:
+                shown = ", ".join(ids[:10]) + (f" ... ({len(ids) - 10} more)" if len(ids) > 10 else "")
+                typer.echo(f"{v.version}: documents {label}: {shown}")
+
+
+@app.command()
+def gc(
+    ctx: typer.Context,
+    store: StoreOpt = None,
+    collection: Annotated[Optional[str], typer.Option(help="only this collection (default: every one)")] = None,
+    keep_last: Annotated[int, typer.Option(min=1, help="newest versions kept per collection, the live one aside")
+                         ] = 1,
+    min_age: Annotated[float, typer.Option(
+        min=0, help="seconds: anything younger is kept (a job may still be writing it)")] = 3600.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be deleted, delete nothing")] = False,
+    s3_endpoint: S3EndpointOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Delete old collection versions, unit memories and staged files that no kept version uses, and old
+    summaries versions: the store's own gc, which keeps the live version, the newest --keep-last, anything a
+    running service or job holds (a lease) and anything younger than --min-age. Lists what it deletes."""
+    from memorag_core.store.summaries import SummaryStore
+
+    st = _open_store(ctx, store, s3_endpoint)
+    names = [collection] if collection else st.list_collections()
+    summaries = SummaryStore(st)
+    out = []
+    for name in names:
+        r = st.gc(name, keep_last, min_age_s=min_age, dry_run=dry_run)
+        s = summaries.gc(name, max(keep_last, 2), min_age_s=min_age, dry_run=dry_run)
+        out.append({"collection": name, "live": r.live, "versions": r.removed_versions, "units": r.removed_units,
+                    "staging": r.removed_staging, "summaries_versions": s["versions"],
+                    "summaries_staged": s["staged"], "freed_bytes": r.freed_bytes + s["freed_bytes"]})
+    total = sum(o["freed_bytes"] for o in out)
+    if json_output:
+        typer.echo(json.dumps({"dry_run": dry_run, "collections": out, "freed_bytes": total}, indent=1))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for o in out:
+        for what, key in (("version", "versions"), ("unit", "units"), ("staged chunk table", "staging"),
+                          ("summaries version", "summaries_versions"), ("staged summary", "summaries_staged")):
+            for item in o[key]:
+                typer.echo(f"{verb} {o['collection']}: {what} {item}")
+    n = sum(len(o[k]) for o in out for k in ("versions", "units", "staging", "summaries_versions",
+                                              "summaries_staged"))
+    typer.echo(f"{verb} {n} items, {_size(total)}, in {len(out)} collections" + (" (dry run)" if dry_run else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: dispatches the Ray job and evaluation to their own parsers, the rest to typer."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of ``memorag``: the exit code (0 done, 2 usage error or library error; see
+    :func:`jobs.options.run_app`)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if argv and argv[0] == "evaluate":
-        from jobs.evaluate import main as evaluate_main
-
-        return evaluate_main(argv[1:]) or 0
-    if argv and argv[0] == "memorize" and any(a.split("=")[0] in ("--corpus", "--collection") for a in argv[1:]):
-        from jobs.memorize import main as job_main
-
-        return job_main(argv[1:]) or 0
-    from memorag_core.errors import MemoRAGError
-
-    try:
-        app(args=argv, standalone_mode=False)
-    except MemoRAGError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    except typer.Exit as exc:
-        return exc.exit_code
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        raise
-    return 0
+    return run_app(app, argv, prog_name="memorag")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``python -m jobs.evaluate`` / ``memorag evaluate``: run a dataset through the evaluation modes and write a table.
 
-Every option of :class:`memorag_core.eval.runner.EvalConfig` is a flag (``--hits 3``, ``--modes rag memorag``),
+Every option of :class:`memorag_core.eval.runner.EvalConfig` is a flag (``--hits 3``, ``--modes rag,memorag``),
 with the field's description as help. Outputs go to ``--output-dir``: ``predictions.json`` (every prediction,
 resumable), ``results.md`` (the table) and ``results.png`` (the chart). The table is also printed.
 
@@ -16,22 +16,20 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
 import types
 import typing
 from pathlib import Path
+from typing import Annotated, Optional
 
-from memorag_core.errors import MemoRAGError
+import typer
+
+from jobs.options import run_app, usage_error, with_options
 from memorag_core.eval.runner import EvalConfig, EvalRunner
 
 logger = logging.getLogger("jobs.evaluate")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _base_type(tp: typing.Any) -> tuple[type, bool]:
@@ -43,56 +41,73 @@ def _base_type(tp: typing.Any) -> tuple[type, bool]:
     return tp, False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser: one flag per :class:`EvalConfig` field, plus ``--merge``, ``--log-level``."""
-    parser = argparse.ArgumentParser(prog="memorag evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _flags_class() -> type:
+    """A dataclass with one typed option per :class:`EvalConfig` field (the field's description is its help;
+    tuple fields take one value per flag, repeated or joined with commas)."""
     hints = typing.get_type_hints(EvalConfig)
+    fields = []
     for f in dataclasses.fields(EvalConfig):
         tp, optional = _base_type(hints[f.name])
         help_text = f.metadata.get("description", "")
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.name == "dataset":
-            parser.add_argument(_flag(f.name), help=help_text, default=None)
+            ann = Annotated[Optional[str], typer.Option(help=help_text + " (required unless --merge)")]
         elif tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            ann = Annotated[bool, typer.Option(help=help_text)]
         elif tp is dict or typing.get_origin(tp) is dict:
-            parser.add_argument(_flag(f.name), type=json_arg, default=default_of(f),
-                                help=help_text + " (a JSON object, or the path of a JSON file)")
+            ann = Annotated[Optional[str], typer.Option(
+                help=help_text + " (a JSON object, or the path of a JSON file)", show_default=False)]
+            default = None
         elif typing.get_origin(tp) is tuple:
-            parser.add_argument(_flag(f.name), nargs="+", default=list(default), help=help_text)
+            ann = Annotated[Optional[list[str]], typer.Option(
+                help=help_text + "; repeat the flag or join values with commas", show_default=",".join(default))]
+            default = None
         else:
-            parser.add_argument(_flag(f.name), type=tp, default=default,
-                                help=help_text + (" (omit for None)" if optional else ""))
-    parser.add_argument("--merge", nargs="+", metavar="PREDICTIONS_JSON", default=None,
-                        help="write one table from these prediction files into --output-dir; no models are run")
-    parser.add_argument("--log-level", default="INFO", help="logging level: DEBUG, INFO, WARNING")
-    return parser
+            ann = Annotated[Optional[tp] if optional else tp, typer.Option(
+                help=help_text + (" (omit for None)" if optional else ""))]
+        fields.append((f.name, ann, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass("EvaluateFlags", fields)
 
 
-def default_of(f: dataclasses.Field):
-    """A dataclass field's default (its factory's value for a mutable default)."""
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return f.default if f.default is not dataclasses.MISSING else None
+EvaluateFlags = _flags_class()
+"""The evaluation's flags: one per :class:`EvalConfig` field."""
 
 
-def json_arg(text: str) -> dict:
-    """A JSON object given inline or as the path of a JSON file (argparse reports a ValueError as a usage error)."""
-    import json
-    from pathlib import Path
-
-    raw = Path(text).read_text() if not text.lstrip().startswith("{") and Path(text).is_file() else text
-    value = json.loads(raw)
-    if not isinstance(value, dict):
-        raise ValueError("expected a JSON object")
-    return value
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """Build the typed config from parsed arguments (validation errors name the field)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig)}
+def config_from_flags(flags) -> EvalConfig:
+    """The typed config from parsed flags (validation errors name the field); tuple flags split on commas."""
+    values = {}
+    for f in dataclasses.fields(EvalConfig):
+        v = getattr(flags, f.name)
+        if isinstance(v, list):
+            v = tuple(x for item in v for x in item.split(",") if x)
+        elif isinstance(v, str) and f.name in JSON_FIELDS:
+            v = json_arg(v, f.name)
+        if v is not None or f.default is None:
+            values[f.name] = v
     return EvalConfig(**values)
+
+
+#: EvalConfig fields given as a JSON object (inline or a file's path)
+JSON_FIELDS = {f.name for f in dataclasses.fields(EvalConfig)
+               if typing.get_origin(_base_type(typing.get_type_hints(EvalConfig)[f.name])[0]) is dict
+               or _base_type(typing.get_type_hints(EvalConfig)[f.name])[0] is dict}
+
+
+def json_arg(text: str, name: str) -> dict:
+    """A JSON object given inline or as the path of a JSON file; InvalidInputError naming the flag otherwise."""
+    import json
+
+    from memorag_core.errors import InvalidInputError
+
+    try:
+        raw = text if text.lstrip().startswith("{") else Path(text).read_text()
+        value = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"--{name.replace('_', '-')} must be a JSON object or the path of a JSON file: "
+                                f"{exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"--{name.replace('_', '-')} must be a JSON object")
+    return value
 
 
 def merge(paths: list[str], out_dir: str) -> str:
@@ -112,38 +127,60 @@ def merge(paths: list[str], out_dir: str) -> str:
     return markdown_table(rows_from_results(merged))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: parse ``argv`` (default ``sys.argv[1:]``), run or merge, print the table; returns the exit code.
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown",
+                  help="Evaluate standard RAG against MemoRAG on a dataset.")
 
-    Exit codes: 0 done, 2 bad arguments or input (the message names the cause).
+
+@app.command(name="evaluate")
+@with_options(flags=EvaluateFlags)
+def evaluate_command(
+    ctx: typer.Context,
+    predictions: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="[PREDICTIONS_JSON]...", help="with --merge: finished predictions.json files to put side by side",
+        show_default=False)] = None,
+    merge_runs: Annotated[bool, typer.Option(
+        "--merge", help="write one table and chart from the PREDICTIONS files into --output-dir; no models run")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="logging level: DEBUG, INFO, WARNING")] = "INFO",
+    *,
+    flags,
+) -> None:
+    """Run a dataset through the evaluation modes (full, rag, memorag ...) and settings; print the table.
+
+    Outputs go to --output-dir: predictions.json (every prediction, resumable), results.md (the table) and
+    results.png (the chart). `--merge A.json B.json` puts finished runs side by side without running models.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.merge:
-            print(merge(args.merge, args.output_dir))
-            return 0
-        if not args.dataset:
-            parser.error("--dataset is required (or --merge to combine finished runs)")
-        config = config_from_args(args)
-        from memorag_core.eval.datasets import load_examples
-        from memorag_core.eval.report import markdown_table, rows_from_results
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(log_level.upper())
+    if merge_runs:
+        if not predictions:
+            usage_error(ctx, "--merge needs the predictions.json files to merge")
+        typer.echo(merge([str(p) for p in predictions], flags.output_dir))
+        return
+    if predictions:
+        usage_error(ctx, f"unexpected arguments {' '.join(map(str, predictions))}: --modes and --settings take "
+                         "one value per flag (repeat it, or join values with commas); files go with --merge")
+    if not flags.dataset:
+        usage_error(ctx, "--dataset is required (or --merge to combine finished runs)")
+    config = config_from_flags(flags)
+    from memorag_core.eval.datasets import load_examples
+    from memorag_core.eval.report import markdown_table, rows_from_results
 
-        examples = load_examples(config.dataset, config.dataset_format,
-                                 None if config.limit is None else config.offset + config.limit,
-                                 config.task)[config.offset:]
-        logger.info("evaluating %d examples, modes %s, settings %s", len(examples), config.modes, config.settings)
-        runner = EvalRunner(config)
-        results = runner.run(examples, progress=lambda msg: logger.info("done %s", msg))
-    except MemoRAGError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown_table(rows_from_results(results)))
+    examples = load_examples(config.dataset, config.dataset_format,
+                             None if config.limit is None else config.offset + config.limit,
+                             config.task)[config.offset:]
+    logger.info("evaluating %d examples, modes %s, settings %s", len(examples), config.modes, config.settings)
+    runner = EvalRunner(config)
+    results = runner.run(examples, progress=lambda msg: logger.info("done %s", msg))
+    typer.echo(markdown_table(rows_from_results(results)))
     for note in results.get("notes", []):
-        print(f"- {note}")
-    print(f"predictions: {runner.predictions_path}")
-    return 0
+        typer.echo(f"- {note}")
+    typer.echo(f"predictions: {runner.predictions_path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jobs.evaluate``: the exit code (0 done, 2 bad arguments or input, the message names the cause)."""
+    return run_app(app, argv, prog_name="python -m jobs.evaluate")
 
 
 if __name__ == "__main__":

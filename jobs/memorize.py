@@ -22,7 +22,6 @@ are byte-identical to an uninterrupted run's (only the version id and timestamps
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,6 +30,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import typer
+
+from jobs.options import MemorizeJobFlags, invalid_configuration, job_logging, run_app, with_options
 from pipeline.config import (
     ChunkEmbedConfig,
     CorpusConfig,
@@ -321,110 +323,37 @@ def _embedded_embedder() -> str:
     return EMBEDDED_EMBEDDER
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m jobs.memorize`` / ``memorag memorize``."""
-    p = argparse.ArgumentParser(prog="memorag memorize", description="Memorize a corpus into a collection version.")
-    p.add_argument("--corpus", help="JSONL/Parquet file or folder of .txt/.jsonl/.parquet (local or s3://)")
-    p.add_argument("--collection", help="collection name")
-    p.add_argument("--store", default=os.environ.get("MEMORAG_STORE", "./memorag-store"),
-                   help="store root (local folder or s3://bucket/prefix); default $MEMORAG_STORE or ./memorag-store")
-    p.add_argument("--config", help="JSON file with a MemorizeJobConfig; flags given override it")
-    p.add_argument("--format", choices=["auto", "jsonl", "parquet", "text"], help="corpus format")
-    p.add_argument("--text-column", help="text column / JSON key (default text)")
-    p.add_argument("--id-column", help="doc id column (default doc_id)")
-    p.add_argument("--memory-model", help="memory model folder or hub id (default: embedded SmolLM2)")
-    p.add_argument("--memory-kind", help="compressed_kv | full_kv | beacon | gist")
-    p.add_argument("--ratio", type=int, help="memory compression ratio")
-    p.add_argument("--embedder", help="embedding model folder or hub id (default: embedded MiniLM)")
-    p.add_argument("--unit-tokens", type=int, help="most tokens per memory unit")
-    p.add_argument("--chunk-tokens", type=int, help="most tokens per retrieval chunk")
-    p.add_argument("--max-chars", type=int, help="quarantine documents longer than this")
-    p.add_argument("--actors", type=int, help="memory actors")
-    p.add_argument("--actor-cpus", type=float, help="CPUs per memory actor")
-    p.add_argument("--pin-cpus", action=argparse.BooleanOptionalAction, default=None,
-                   help="pin each CPU memory actor to cores of its own (memory_stage.pin_cpus)")
-    p.add_argument("--actor-gpus", type=float, help="GPUs per memory actor (1 on a GPU cluster)")
-    p.add_argument("--embed-actors", type=int, help="embed actors")
-    p.add_argument("--embed-cpus", type=float, help="CPUs per embed actor")
-    p.add_argument("--shards", type=int, help="index shards")
-    p.add_argument("--gist", choices=["summary", "cheap"], help="router gist: memory summary or first chars")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by the job")
-    p.add_argument("--local-prepare-bytes", type=int,
-                   help="prepare corpora up to this size on the driver instead of Ray Data tasks (0: never)")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// corpus and store")
-    p.add_argument("--stats-json", help="also write the run's statistics as JSON to this local path")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown",
+                  help="Memorize a corpus into a new version of a collection (Ray job).")
 
 
-def config_from_args(args: argparse.Namespace) -> MemorizeJobConfig:
-    """A validated :class:`MemorizeJobConfig` from parsed flags (and the optional ``--config`` JSON file)."""
-    data: dict = json.loads(Path(args.config).read_text()) if args.config else {}
+@app.command(name="memorize")
+@with_options(flags=MemorizeJobFlags)
+def memorize_job(*, flags: MemorizeJobFlags) -> None:
+    """Memorize a corpus into a new version of a collection: validated documents, unit memories, chunks, index
+    shards and router, published atomically (a Ray job; the same options as `memorag memorize --corpus`)."""
+    run_job_command(flags)
 
-    def put(path: str, value) -> None:
-        if value is None:
-            return
-        *parents, last = path.split(".")
-        d = data
-        for key in parents:
-            d = d.setdefault(key, {})
-        d[last] = value
 
-    put("corpus.url", args.corpus)
-    put("collection", args.collection)
-    if args.store is not None and ("store" not in data or args.store != build_parser().get_default("store")):
-        put("store", args.store)
-    put("corpus.format", args.format)
-    put("corpus.text_column", args.text_column)
-    put("corpus.id_column", args.id_column)
-    put("memory_stage.memory.model", args.memory_model)
-    put("memory_stage.memory.kind", args.memory_kind)
-    put("memory_stage.memory.ratio", args.ratio)
-    put("chunk_embed.embedder", args.embedder)
-    put("pack.unit_tokens", args.unit_tokens)
-    put("chunk_embed.chunk_tokens", args.chunk_tokens)
-    put("validate.max_chars", args.max_chars)
-    put("memory_stage.concurrency", args.actors)
-    put("memory_stage.num_cpus", args.actor_cpus)
-    put("memory_stage.pin_cpus", args.pin_cpus)
-    put("memory_stage.num_gpus", args.actor_gpus)
-    put("chunk_embed.concurrency", args.embed_actors)
-    put("chunk_embed.num_cpus", args.embed_cpus)
-    put("index.shards", args.shards)
-    put("router.gist", args.gist)
-    put("ray_address", args.ray_address)
-    put("num_cpus", args.num_cpus)
-    put("local_prepare_bytes", args.local_prepare_bytes)
-    if args.s3_endpoint:
-        data.setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint
-        data.setdefault("corpus", {}).setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint
-    return MemorizeJobConfig.model_validate(data)
+def run_job_command(flags: MemorizeJobFlags) -> None:
+    """Run the job from its flags: print the stats table (and write ``--stats-json``). A bad configuration exits
+    with 2 naming the field; the library's errors propagate (``error: ...``, exit 2, by :func:`run_app`)."""
+    from pydantic import ValidationError
+
+    job_logging(flags.verbose)
+    try:
+        config = flags.to_config()
+    except (ValidationError, ValueError) as exc:
+        raise invalid_configuration("memorag memorize", exc) from None
+    stats = run_memorize_job(config)
+    typer.echo(stats.table())
+    if flags.stats_json:
+        Path(flags.stats_json).write_text(json.dumps(stats.to_dict(), indent=1, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: parse flags, run the job, print the stats table; returns the exit code (2 on bad input)."""
-    from pydantic import ValidationError
-
-    from memorag_core.errors import MemoRAGError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"memorag memorize: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        stats = run_memorize_job(config)
-    except MemoRAGError as exc:
-        print(f"memorag memorize: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    print(stats.table())
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats.to_dict(), indent=1, sort_keys=True))
-    return 0
+    """``python -m jobs.memorize`` (what ``ray job submit -- python -m jobs.memorize ...`` runs): the exit code."""
+    return run_app(app, argv, prog_name="python -m jobs.memorize")
 
 
 if __name__ == "__main__":

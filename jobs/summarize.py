@@ -23,18 +23,19 @@ with ``memorag summarize --collection NAME --store DIR`` or ``python -m jobs.sum
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import typer
 from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.options import SummarizeJobFlags, invalid_configuration, job_logging, run_app, with_options
 
 logger = logging.getLogger(__name__)
 
@@ -496,88 +497,45 @@ def summary_preview(store_url: str, collection: str, storage_options: dict | Non
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m jobs.summarize`` / ``memorag summarize``."""
-    p = argparse.ArgumentParser(prog="memorag summarize",
-                                description="Summarize a published collection (units, documents, collection), "
-                                            "incrementally, into a versioned summaries namespace of the store.")
-    p.add_argument("--collection", help="collection name")
-    p.add_argument("--store", default=os.environ.get("MEMORAG_STORE", "./memorag-store"),
-                   help="store root (local folder or s3://bucket/prefix); default $MEMORAG_STORE or ./memorag-store")
-    p.add_argument("--version", dest="collection_version", help="collection version (default: the live one)")
-    p.add_argument("--config", help="JSON file with a SummarizeJobConfig; flags given override it")
-    p.add_argument("--generator", help="auto | memory | hf:PATH | vllm:PATH | openai:MODEL@URL (default auto)")
-    p.add_argument("--key-point-tokens", type=int, help="most tokens of a unit's key points")
-    p.add_argument("--top-k", type=int, help="supporting passages per unit summary")
-    p.add_argument("--max-new-tokens", type=int, help="most tokens of a unit summary")
-    p.add_argument("--reduce-max-new-tokens", type=int, help="most tokens of a document/collection summary")
-    p.add_argument("--fan-in", type=int, help="most summaries per reduce prompt")
-    p.add_argument("--reduce-max-chars", type=int, help="most characters of summaries per reduce prompt")
-    p.add_argument("--actors", type=int, help="summarize actors")
-    p.add_argument("--batch-size", type=int, help="units per actor call (one batched generation)")
-    p.add_argument("--actor-cpus", type=float, help="CPUs per actor")
-    p.add_argument("--actor-gpus", type=float, help="GPUs per actor")
-    p.add_argument("--device", help="device of the models (cpu, cuda, auto)")
-    p.add_argument("--retry-skipped", action="store_true", help="run again for units skipped by the last run")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray started by the job")
-    p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for an s3:// store")
-    p.add_argument("--stats-json", help="also write the run's statistics as JSON to this local path")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
+app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Summarize a published collection (Ray job).")
 
 
-def config_from_args(args: argparse.Namespace) -> SummarizeJobConfig:
-    """A validated :class:`SummarizeJobConfig` from parsed flags (and the optional ``--config`` JSON file)."""
-    data: dict = json.loads(Path(args.config).read_text()) if args.config else {}
-    flags = {"collection": args.collection, "version": args.collection_version, "generator": args.generator,
-             "key_point_tokens": args.key_point_tokens, "top_k": args.top_k, "max_new_tokens": args.max_new_tokens,
-             "reduce_max_new_tokens": args.reduce_max_new_tokens, "fan_in": args.fan_in,
-             "reduce_max_chars": args.reduce_max_chars, "concurrency": args.actors, "batch_size": args.batch_size,
-             "num_cpus": args.actor_cpus, "num_gpus": args.actor_gpus, "device": args.device,
-             "ray_address": args.ray_address, "ray_num_cpus": args.num_cpus}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if args.retry_skipped:
-        data["retry_skipped"] = True
-    if args.store is not None and ("store" not in data or args.store != build_parser().get_default("store")):
-        data["store"] = args.store
-    if args.s3_endpoint:
-        data.setdefault("storage_options", {})["endpoint_url"] = args.s3_endpoint
-    return SummarizeJobConfig.model_validate(data)
+@app.command(name="summarize")
+@with_options(flags=SummarizeJobFlags)
+def summarize_job(*, flags: SummarizeJobFlags) -> None:
+    """Summarize a published collection: unit, document and collection summaries, incrementally, into a
+    versioned summaries namespace of the store (a Ray job; the same options as `memorag summarize`)."""
+    run_job_command(flags)
+
+
+def run_job_command(flags: SummarizeJobFlags) -> None:
+    """Run the job from its flags; print where the summaries are, a preview and the stats table. A bad
+    configuration exits with 2 naming the field; the library's errors propagate (``error: ...``, exit 2)."""
+    from pydantic import ValidationError
+
+    job_logging(flags.verbose)
+    try:
+        config = flags.to_config()
+    except (ValidationError, ValueError) as exc:
+        raise invalid_configuration("memorag summarize", exc) from None
+    stats = run_summarize_job(config, echo=typer.echo)
+    if flags.stats_json:
+        Path(flags.stats_json).write_text(json.dumps(stats.to_dict(), indent=1, sort_keys=True))
+    if stats.nothing_to_do:
+        return
+    from memorag_core.store.summaries import COLLECTION_TABLE, DOCUMENTS_TABLE, REPORT, UNITS_TABLE
+
+    typer.echo(f"summaries of {config.collection} (collection version {stats.source_version}) published as "
+               f"{stats.summaries_version}:")
+    for rel in (UNITS_TABLE, DOCUMENTS_TABLE, COLLECTION_TABLE, REPORT):
+        typer.echo(f"  {stats.location}/{rel}")
+    typer.echo(summary_preview(config.store, config.collection, config.storage_options or None))
+    typer.echo(stats.table())
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: parse flags, run the job, print where the summaries are and the tables; exit 2 on bad input."""
-    from pydantic import ValidationError
-
-    from memorag_core.errors import MemoRAGError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-    except (ValidationError, ValueError, OSError) as exc:
-        print(f"memorag summarize: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        stats = run_summarize_job(config)
-    except MemoRAGError as exc:
-        print(f"memorag summarize: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(stats.to_dict(), indent=1, sort_keys=True))
-    if stats.nothing_to_do:
-        return 0
-    from memorag_core.store.summaries import COLLECTION_TABLE, DOCUMENTS_TABLE, REPORT, UNITS_TABLE
-
-    print(f"summaries of {config.collection} (collection version {stats.source_version}) published as "
-          f"{stats.summaries_version}:")
-    for rel in (UNITS_TABLE, DOCUMENTS_TABLE, COLLECTION_TABLE, REPORT):
-        print(f"  {stats.location}/{rel}")
-    print(summary_preview(config.store, config.collection, config.storage_options or None))
-    print(stats.table())
-    return 0
+    """``python -m jobs.summarize`` (what ``ray job submit -- python -m jobs.summarize ...`` runs): the exit code."""
+    return run_app(app, argv, prog_name="python -m jobs.summarize")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,6 @@ with open(sys.argv[3], "w", encoding="utf-8") as f:
             f.write(json.dumps({"doc_id": f"excerpt-{i + 1}", "text": piece}) + "\n")
 EOF
 memorag memorize --corpus "$OUT/corpus.jsonl" --collection demo --store "$OUT/store" --ratio 4 --num-cpus 2
-memorag collections --store "$OUT/store" || true
+memorag collections --store "$OUT/store"
 memorag ask "Why does Dobby warn Harry not to go back to Hogwarts?" --collection demo --store "$OUT/store" \
     --max-new-tokens 64

@@ -198,6 +198,23 @@ class QueryResult:
         d["retrieval_queries"] = [{"source": s, "query": q} for s, q in self.retrieval_queries]
         return d
 
+    def to_api(self) -> dict:
+        """The JSON object of the API's answer: the body of ``POST /v1/collections/{name}/query`` (and of its
+        final stream event), and what ``memorag ask --json`` prints. :meth:`to_dict` with plain JSON values (numpy
+        scalars become Python numbers, tuples lists), so ``json.dumps`` takes it as it is."""
+        return _json_ready(self.to_dict())
+
+
+def _json_ready(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers and tuples as lists, recursively."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        return value.item()  # numpy scalar
+    return value
+
 
 @dataclass
 class StreamEvent:

@@ -229,6 +229,21 @@ class CollectionStore:
         """The live version id, or None if the collection has never been published."""
         return self._read_pointer(collection)[0]
 
+    def current_pointer(self, collection: str) -> dict | None:
+        """The live pointer, ``{"version": ..., "published_at": ISO-8601 UTC}``, or None if never published.
+        Raises CorruptArtifactError for an unreadable pointer."""
+        path = self._pointer_path(collection)
+        try:
+            data = sfs.with_retries(lambda: self.fs.cat_file(path), what=f"read {self._u(path)}")
+        except ArtifactNotFoundError:
+            self._check_bucket()
+            return None
+        try:
+            pointer = json.loads(data)
+            return {"version": str(pointer["version"]), "published_at": pointer.get("published_at")}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptArtifactError(f"{self._u(path)}: not a valid pointer ({exc})") from exc
+
     def _pointer_path(self, collection: str) -> str:
         return self._p("collections", _check_collection(collection), "CURRENT")
 
@@ -338,14 +353,15 @@ class CollectionStore:
         return out
 
     # -- garbage collection ----------------------------------------------------------------------------------
-    def gc(self, collection: str, keep_last: int = 1, *, min_age_s: float = 3600.0) -> GCReport:
+    def gc(self, collection: str, keep_last: int = 1, *, min_age_s: float = 3600.0,
+           dry_run: bool = False) -> GCReport:
         """Delete old versions of ``collection``, and unit memories and staged chunk tables that no kept version of
         any collection uses.
 
         Kept: the live version; the newest ``keep_last`` versions with a manifest; versions a running service
         holds (an unexpired lease, see :meth:`write_lease`); and anything younger than ``min_age_s`` (a version
         or unit a concurrent job is still writing, not yet published). The live version and its units are never
-        removed.
+        removed. With ``dry_run`` nothing is deleted: the report says what would be.
 
         Raises InvalidInputError for keep_last < 1 or a negative min_age_s.
         """
@@ -370,13 +386,15 @@ class CollectionStore:
                 continue
             path = self._version_dir(collection, v)
             report.freed_bytes += self._du(path)
-            sfs.with_retries(lambda: self.fs.rm(path, recursive=True), what=f"delete {self._u(path)}")
+            if not dry_run:
+                sfs.with_retries(lambda: self.fs.rm(path, recursive=True), what=f"delete {self._u(path)}")
             report.removed_versions.append(v)
         # Units: referenced by any remaining manifest of any collection are kept.
         referenced: set[str] = set()
         for c in self.list_collections():
             for v in self.list_versions(c):
-                referenced.update(self.read_manifest(c, v).units)
+                if c != collection or v not in report.removed_versions:  # (still there on a dry run)
+                    referenced.update(self.read_manifest(c, v).units)
         units_dir = self._p("units")
         try:
             unit_dirs = self.fs.ls(units_dir, detail=False)
@@ -394,16 +412,19 @@ class CollectionStore:
             if age < min_age_s:
                 continue
             report.freed_bytes += self._du(sfs.join(units_dir, uid))
-            sfs.with_retries(lambda: self.fs.rm(sfs.join(units_dir, uid), recursive=True),
-                             what=f"delete {self._u(sfs.join(units_dir, uid))}")
+            if not dry_run:
+                sfs.with_retries(lambda: self.fs.rm(sfs.join(units_dir, uid), recursive=True),
+                                 what=f"delete {self._u(sfs.join(units_dir, uid))}")
             report.removed_units.append(uid)
-        self._gc_staging(referenced, now, min_age_s, report)
-        logger.info("gc %s: removed %d versions, %d units, %d staged chunk tables, %d bytes; live %s", collection,
+        self._gc_staging(referenced, now, min_age_s, report, dry_run)
+        logger.info("gc %s%s: removed %d versions, %d units, %d staged chunk tables, %d bytes; live %s",
+                    " (dry run)" if dry_run else "", collection,
                     len(report.removed_versions), len(report.removed_units), len(report.removed_staging),
                     report.freed_bytes, live)
         return report
 
-    def _gc_staging(self, referenced: set[str], now: datetime, min_age_s: float, report: GCReport) -> None:
+    def _gc_staging(self, referenced: set[str], now: datetime, min_age_s: float, report: GCReport,
+                    dry_run: bool = False) -> None:
         """Delete staged chunk tables (the memorize job's per-unit cache) of units no kept version uses."""
         staging = self._p("staging", "chunks")
         try:
@@ -427,7 +448,8 @@ class CollectionStore:
                     continue
                 if age < min_age_s:  # a running job may be about to publish it
                     continue
-                sfs.with_retries(lambda: self.fs.rm(f), what=f"delete {self._u(f)}")
+                if not dry_run:
+                    sfs.with_retries(lambda: self.fs.rm(f), what=f"delete {self._u(f)}")
                 report.freed_bytes += int(info.get("size") or 0)
                 report.removed_staging.append(f"{key}/{name[: -len('.parquet')]}")
 

@@ -100,7 +100,8 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
         The filesystem and the path inside it (no protocol, no trailing slash; absolute for local paths).
 
     Raises:
-        InvalidInputError: empty URL. OptionalDependencyError: ``s3://`` without s3fs installed.
+        InvalidInputError: empty URL, a URL naming no bucket or an unknown protocol. OptionalDependencyError:
+        ``s3://`` without s3fs installed (or another protocol's package).
     """
     if not isinstance(url, str) or not url.strip():
         raise InvalidInputError(f"store URL must be a non-empty string, got {url!r}")
@@ -129,7 +130,12 @@ def open_url(url: str, storage_options: dict | None = None) -> tuple[fsspec.Abst
         return fs, path
     if "://" not in url:
         return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(url)).rstrip("/") or "/"
-    fs, path = fsspec.core.url_to_fs(url, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **options)
+    except ValueError as exc:  # fsspec: "Protocol not known: ..."
+        raise InvalidInputError(f"store URL {url!r}: {exc} (use a local folder or s3://bucket/prefix)") from None
+    except ImportError as exc:  # a known protocol whose package is not installed
+        raise OptionalDependencyError(f"store URL {url!r} needs a package that is not installed ({exc})") from None
     return fs, path.rstrip("/") if len(path) > 1 else path
 
 

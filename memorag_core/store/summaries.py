@@ -150,16 +150,21 @@ class SummaryStore:
         """A :class:`VersionWriter` for a new summaries version (published with the store's pointer swap)."""
         return self.versions.new_version(collection)
 
-    def gc(self, collection: str, keep_last: int = 2, *, min_age_s: float = 3600.0) -> dict:
+    def gc(self, collection: str, keep_last: int = 2, *, min_age_s: float = 3600.0, dry_run: bool = False) -> dict:
         """Remove old summaries versions (the collection store's gc) and staged records that no kept summaries
-        version uses and that are older than ``min_age_s``. Returns counts."""
-        report = self.versions.gc(collection, keep_last, min_age_s=min_age_s)
+        version uses and that are older than ``min_age_s`` (``dry_run``: remove nothing, report what would go).
+
+        Returns counts (``removed_versions``, ``removed_staged``), the ids (``versions``: summaries versions,
+        ``staged``: ``<kind>/<key>`` records) and ``freed_bytes`` of the removed versions."""
+        report = self.versions.gc(collection, keep_last, min_age_s=min_age_s, dry_run=dry_run)
         used: set[str] = set()
         for c in self.versions.list_collections():
             for v in self.versions.list_versions(c):
+                if c == collection and v in report.removed_versions:
+                    continue
                 m = self.versions.read_manifest(c, v)
                 used.update((m.extra or {}).get("staged_keys") or [])
-        removed = 0
+        removed: list[str] = []
         now = time.time()
         for kind in ("units", "reduce"):
             for k in self.staged_keys(kind):
@@ -171,9 +176,11 @@ class SummaryStore:
                 except (FileNotFoundError, NotImplementedError):
                     continue
                 if age >= min_age_s:
-                    self.fs.rm(path)
-                    removed += 1
-        return {"removed_versions": len(report.removed_versions), "removed_staged": removed}
+                    if not dry_run:
+                        self.fs.rm(path)
+                    removed.append(f"{kind}/{k}")
+        return {"removed_versions": len(report.removed_versions), "removed_staged": len(removed),
+                "versions": report.removed_versions, "staged": removed, "freed_bytes": report.freed_bytes}
 
 
 @dataclass

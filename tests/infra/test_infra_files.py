@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.memorize import build_parser
+from jobs.options import MemorizeJobFlags, parse_flags
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
@@ -18,7 +18,7 @@ def test_rayjob_manifest_names_gpu_workers_and_a_valid_entrypoint():
     spec = doc["spec"]
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "jobs.memorize"]
-    args = build_parser().parse_args(argv[3:])  # the entrypoint's flags are ones the job accepts
+    args = parse_flags(MemorizeJobFlags, argv[3:])  # the entrypoint's flags are ones the job accepts
     assert args.corpus.startswith("s3://") and args.store.startswith("s3://") and args.actor_gpus == 1
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"].startswith("2.")

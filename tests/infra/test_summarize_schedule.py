@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from jobs.summarize import build_parser, config_from_args
+from jobs.options import SummarizeJobFlags, parse_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "infra" / "kuberay"
@@ -28,7 +28,7 @@ def check_cron(expr: str) -> None:
 def check_summarize_entrypoint(entrypoint: str) -> None:
     argv = shlex.split(entrypoint)
     assert argv[:3] == ["python", "-m", "jobs.summarize"]
-    cfg = config_from_args(build_parser().parse_args(argv[3:]))  # flags the job accepts, a valid config
+    cfg = parse_flags(SummarizeJobFlags, argv[3:]).to_config()  # flags the job accepts, a valid config
     assert cfg.collection and cfg.store.startswith("s3://")
     return cfg
 
@@ -97,5 +97,5 @@ def test_documented_crontab_line_submits_the_job():
     assert argv[ray:ray + 3] == ["ray", "job", "submit"] and "--address" in argv
     rest = argv[argv.index("--") + 1:]
     assert rest[:3] == ["python", "-m", "jobs.summarize"]
-    build_parser().parse_args(rest[3:])
+    parse_flags(SummarizeJobFlags, rest[3:])
     assert "%" not in line.replace("\\%", "")  # cron treats a bare % as a newline

@@ -4,31 +4,36 @@ import json
 
 import pytest
 
-from jobs.evaluate import build_parser, config_from_args, main
+from jobs.evaluate import EvaluateFlags, config_from_flags, main
+from jobs.options import parse_flags
 from memorag_core.errors import InvalidInputError
+from memorag_core.eval.runner import MODES
 from memorag_core.eval.report import load_results, save_results
 
 HOTPOT = "/work/shared/data/hotpotqa_dev_300.jsonl"
 
 
 def test_parser_builds_typed_config():
-    args = build_parser().parse_args(["--dataset", HOTPOT, "--limit", "5", "--modes", "rag", "memorag",
-                                      "--settings", "pooled", "--hits", "4", "--full-context-max-tokens", "900"])
-    config = config_from_args(args)
+    flags = parse_flags(EvaluateFlags, ["--dataset", HOTPOT, "--limit", "5", "--modes", "rag,memorag",
+                                        "--settings", "pooled", "--hits", "4", "--full-context-max-tokens", "900"])
+    config = config_from_flags(flags)
     assert config.limit == 5 and config.hits == 4 and config.full_context_max_tokens == 900
     assert config.modes == ("rag", "memorag") and config.settings == ("pooled",)
     assert config.mem_model is None and config.overwrite is False and config.share_clues is True
-    args = build_parser().parse_args(["--dataset", HOTPOT, "--no-share-clues", "--overwrite"])
-    assert config_from_args(args).share_clues is False and config_from_args(args).overwrite is True
+    flags = parse_flags(EvaluateFlags, ["--dataset", HOTPOT, "--no-share-clues", "--overwrite", "--modes", "rag",
+                                        "--modes", "memorag"])
+    config = config_from_flags(flags)
+    assert config.share_clues is False and config.overwrite is True and config.modes == ("rag", "memorag")
+    assert config_from_flags(parse_flags(EvaluateFlags, ["--dataset", HOTPOT])).modes == MODES
 
 
 def test_bad_values_name_the_field():
-    args = build_parser().parse_args(["--dataset", HOTPOT, "--modes", "rag", "oracle"])
+    flags = parse_flags(EvaluateFlags, ["--dataset", HOTPOT, "--modes", "rag,oracle"])
     with pytest.raises(InvalidInputError, match="modes must be a non-empty subset"):
-        config_from_args(args)
-    args = build_parser().parse_args(["--dataset", HOTPOT, "--hits", "0"])
+        config_from_flags(flags)
+    flags = parse_flags(EvaluateFlags, ["--dataset", HOTPOT, "--hits", "0"])
     with pytest.raises(InvalidInputError, match="hits must be a positive integer"):
-        config_from_args(args)
+        config_from_flags(flags)
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path, capsys):
@@ -37,9 +42,12 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path, capsys):
     assert "nope.jsonl' does not exist" in capsys.readouterr().err
 
 
-def test_dataset_is_required():
-    with pytest.raises(SystemExit):
-        main([])
+def test_dataset_is_required(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset is required" in err and "Usage: python -m jobs.evaluate" in err and "Traceback" not in err
+    assert main(["--dataset", HOTPOT, "--modes", "rag", "memorag"]) == 2  # one value per flag: a usage error
+    assert "--modes and --settings take one value per flag" in capsys.readouterr().err
 
 
 def _block(f1):
@@ -64,7 +72,7 @@ def test_merge_puts_settings_side_by_side(tmp_path, capsys):
 
 def _smoke(tmp_path, capsys, settings):
     out = tmp_path / "smoke"
-    rc = main(["--dataset", HOTPOT, "--limit", "2", "--output-dir", str(out), "--hits", "2", "--settings", *settings,
+    rc = main(["--dataset", HOTPOT, "--limit", "2", "--output-dir", str(out), "--hits", "2", "--settings", ",".join(settings),
                "--clue-max-new-tokens", "8", "--answer-max-new-tokens", "8", "--log-level", "WARNING"])
     assert rc == 0
     table = capsys.readouterr().out

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.summarize import SummarizeJobConfig, build_parser, config_from_args, run_summarize_job
+from jobs.options import SummarizeJobFlags, parse_flags
+from jobs.summarize import SummarizeJobConfig, run_summarize_job
 from memorag_core.store import CollectionStore
 from memorag_core.store.summaries import SummaryStore
 from tests.fixtures.collections import facts_job_config, write_facts_corpus
@@ -242,10 +243,10 @@ def test_killed_run_publishes_nothing_and_the_rerun_summarizes_each_unit_once(bo
 def test_flags_map_onto_the_config_and_bad_input_exits_2(tmp_path, capsys):
     from jobs.summarize import main
 
-    args = build_parser().parse_args(["--collection", "c", "--store", str(tmp_path), "--actors", "2",
-                                      "--batch-size", "16", "--generator", "vllm:", "--fan-in", "4",
-                                      "--actor-gpus", "1", "--retry-skipped"])
-    cfg = config_from_args(args)
+    flags = parse_flags(SummarizeJobFlags, ["--collection", "c", "--store", str(tmp_path), "--actors", "2",
+                                            "--batch-size", "16", "--generator", "vllm:", "--fan-in", "4",
+                                            "--actor-gpus", "1", "--retry-skipped"])
+    cfg = flags.to_config()
     assert (cfg.concurrency, cfg.batch_size, cfg.generator, cfg.fan_in, cfg.num_gpus, cfg.retry_skipped) == \
         (2, 16, "vllm:", 4, 1.0, True)
     assert main(["--collection", "c", "--store", str(tmp_path), "--fan-in", "1"]) == 2

@@ -80,6 +80,8 @@ class QueryOut(BaseModel):
     timings: dict[str, float]
     retrieval_queries: list[dict]
     session: Optional[dict] = None
+    question: Optional[str] = None
+    warnings: list[str] = []
 
 
 class CollectionOut(BaseModel):
@@ -107,7 +109,7 @@ async def query_collection(name: str, body: QueryBody, authorization: Optional[s
     request = body.request(ingress.limits)
     owner = ingress.owner(name, authorization)
     if not body.stream:
-        return (await ingress.query(name, request, body.version, owner=owner)).to_dict()
+        return (await ingress.query(name, request, body.version, owner=owner)).to_api()
     events = ingress.answer(name, request, body.version, stream=True, owner=owner)
     first = await events.__anext__()  # errors before the first token still get their own status code
 
@@ -118,7 +120,7 @@ async def query_collection(name: str, body: QueryBody, authorization: Optional[s
                 if event.kind == "token":
                     yield sse({"text": event.text}, "token")
                 else:
-                    yield sse(event.result.to_dict(), "final")
+                    yield sse(event.result.to_api(), "final")
                     return
                 event = await events.__anext__()
         except StopAsyncIteration:

@@ -133,7 +133,13 @@ def test_gc_keeps_live_and_units_of_kept_versions(backend):
     assert store.current_version("c") == live and loser.version > live
     young = store.gc("c", keep_last=1)  # default min_age_s: everything is too young to delete
     assert young.removed_versions == [] and young.removed_units == [] and young.removed_staging == []
+    dry = store.gc("c", keep_last=1, min_age_s=0, dry_run=True)  # says what would go, deletes nothing
+    assert store.list_versions("c") == sorted([v1, v2, live, loser.version]) and store.has_unit("orphan")
+    assert len(fs.ls(f"{root}/staging/chunks/k1", detail=False)) == 4
     report = store.gc("c", keep_last=1, min_age_s=0)
+    assert (sorted(dry.removed_versions), sorted(dry.removed_units), sorted(dry.removed_staging), dry.freed_bytes) \
+        == (sorted(report.removed_versions), sorted(report.removed_units), sorted(report.removed_staging),
+            report.freed_bytes)
     assert report.live == live
     assert sorted(report.removed_versions) == sorted([v1, v2])
     assert sorted(report.removed_units) == ["orphan", "u2"]  # u1 is used by 'other', u3 by the live version
@@ -146,6 +152,17 @@ def test_gc_keeps_live_and_units_of_kept_versions(backend):
     assert store.has_unit("u1") and not store.has_unit("u2")
     with pytest.raises(InvalidInputError):
         store.gc("c", keep_last=0)
+
+
+def test_current_pointer_names_the_live_version_and_when_it_went_live(backend):
+    from datetime import datetime
+
+    store = CollectionStore(backend.root_url, backend.storage_options)
+    assert store.current_pointer("c") is None
+    v = publish_version(store, "c", "u1")
+    pointer = store.current_pointer("c")
+    assert pointer["version"] == v == store.current_version("c")
+    assert datetime.fromisoformat(pointer["published_at"]) >= version_time(v)
 
 
 def test_newer_or_corrupt_manifests_and_pointer_fail_clearly(backend):

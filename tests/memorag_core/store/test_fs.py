@@ -15,6 +15,11 @@ def test_open_url_local_and_file_scheme(tmp_path):
         sfs.open_url("")
 
 
+def test_open_url_refuses_an_unknown_protocol_naming_the_url():
+    with pytest.raises(InvalidInputError, match="store URL 'nosuch://bucket/x': Protocol not known: nosuch"):
+        sfs.open_url("nosuch://bucket/x")
+
+
 def test_open_url_s3_honours_env_endpoint(monkeypatch):
     monkeypatch.setenv("MEMORAG_S3_ENDPOINT", "http://127.0.0.1:1")
     fs, path = sfs.open_url("s3://bucket/prefix/", {"key": "k", "secret": "s"})
