@@ -27,4 +27,4 @@ def test_to_api_is_plain_json_with_the_api_fields():
     assert api["timings"] == {"total": 1.2346}
     assert api["retrieval_queries"] == [{"source": "question", "query": "Who built it?"}]
     assert set(api) == {"answer", "collection", "version", "task", "units", "clues", "evidence", "timings",
-                        "retrieval_queries", "session"}
+                        "retrieval_queries", "session", "question", "warnings"}
