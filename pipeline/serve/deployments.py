@@ -266,7 +266,7 @@ class Generator:
                 logger.warning("generator warm-up failed: %s", exc)
         logger.info("generator %s ready in %.1f s", self.answerer.name, time.perf_counter() - t0)
         self._lock = threading.Lock()  # one decode at a time (engines and HF models are not re-entrant)
-        self.counts = {"active": 0, "cancelled": 0}
+        self.counts = {"active": 0, "cancelled": 0, "stopped": 0}
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -283,6 +283,7 @@ class Generator:
             try:
                 for piece in stream:
                     if cancelled.is_set():
+                        self.counts["stopped"] += 1
                         break
                     pieces.append(piece)
             finally:
@@ -361,6 +362,7 @@ class Generator:
                     try:
                         for piece in pieces:
                             if stop.is_set():
+                                self.counts["stopped"] += 1
                                 break
                             put(piece)
                     finally:
@@ -392,7 +394,8 @@ class Generator:
                 self.counts["cancelled"] += 1
 
     def stats(self) -> dict:
-        """``active``: decodes running or queued; ``cancelled``: calls whose caller went away before the end."""
+        """``active``: decodes running or queued; ``cancelled``: calls whose caller went away before the end;
+        ``stopped``: decodes stopped early because of that."""
         return dict(self.counts)
 
     def name(self) -> str:
