@@ -10,7 +10,11 @@ What it does (bounded in time: every phase has a duration, every request a timeo
    seconds (429 answers are honoured: the client sleeps Retry-After). Reports requests/s (answered), p50/p99 of
    the end-to-end latency and of each stage (route, clues, retrieve, generate) from the response's ``timings``,
    and the status counts (5xx must be 0).
-4. With ``--kill-at S``: a fault phase at the highest level: S seconds in, the memory worker's replica process is
+4. With ``--flood``: API keys on; the largest ``--clients`` level of real clients (with a valid key) queries for
+   ``--duration`` seconds alone, then again while ``--flood-connections`` connections send requests with a fresh
+   random key each as fast as they can. Reports the real clients' errors (any status but 200) and p50 in both
+   phases, their ratio, and the flood's rate and statuses (401 expected).
+5. With ``--kill-at S``: a fault phase at the highest level: S seconds in, the memory worker's replica process is
    SIGKILLed; Serve's controller starts a new one. Reports the failed requests (5xx, connection errors) during
    the gap, the gap (kill -> first answered memorag request after the kill), and that requests recovered without
    anyone restarting anything.
@@ -97,8 +101,9 @@ class Recorder:
             self.failures.append(end)
 
 
-async def client_loop(url: str, body_base: dict, deadline: float, rec: Recorder, timeout: float) -> None:
-    async with httpx.AsyncClient(timeout=timeout) as client:
+async def client_loop(url: str, body_base: dict, deadline: float, rec: Recorder, timeout: float,
+                      headers: dict | None = None) -> None:
+    async with httpx.AsyncClient(timeout=timeout, headers=headers or {}) as client:
         while time.monotonic() < deadline:
             body = {**body_base, "query": random.choice(QUESTIONS)}
             t0 = time.monotonic()
@@ -125,9 +130,28 @@ def memory_worker_pids() -> list[int]:
     return [a.pid for a in actors if "MemoryWorker" in (a.class_name or "") and a.pid]
 
 
+async def flood_loop(url: str, deadline: float, counts: dict) -> None:
+    """Requests with a fresh random well-formed key each, as fast as one connection allows, until ``deadline``."""
+    import secrets
+
+    body = json.dumps({"query": "flood", "task": "qa", "max_new_tokens": 1}).encode()
+    async with httpx.AsyncClient(timeout=30) as client:
+        while time.monotonic() < deadline:
+            key = f"mrg_{secrets.token_hex(8)}_{secrets.token_urlsafe(32)}"
+            try:
+                r = await client.post(url, content=body, headers={"Authorization": f"Bearer {key}",
+                                                                  "content-type": "application/json"})
+                code = str(r.status_code)
+            except httpx.HTTPError:
+                code = "conn"
+                await asyncio.sleep(0.05)
+            counts[code] = counts.get(code, 0) + 1
+
+
 async def run_phase(url: str, clients: int, duration: float, body: dict, timeout: float,
-                    kill_at: float | None = None) -> dict:
+                    kill_at: float | None = None, headers: dict | None = None, flood: int = 0) -> dict:
     rec = Recorder()
+    flooded: dict = {}
     start = time.monotonic()
     deadline = start + duration
     kill_info: dict = {}
@@ -141,7 +165,8 @@ async def run_phase(url: str, clients: int, duration: float, body: dict, timeout
         kill_info["pids"] = pids
         logger.info("killed memory worker replica(s) %s at %.1f s", pids, kill_info["t_kill"] - start)
 
-    tasks = [client_loop(url, body, deadline, rec, timeout) for _ in range(clients)]
+    tasks = [client_loop(url, body, deadline, rec, timeout, headers) for _ in range(clients)]
+    tasks += [flood_loop(url, deadline, flooded) for _ in range(flood)]
     if kill_at is not None:
         tasks.append(killer())
     await asyncio.gather(*tasks)
@@ -155,7 +180,11 @@ async def run_phase(url: str, clients: int, duration: float, body: dict, timeout
                          "p99": pct([t[2][s] for t in rec.ok if s in t[2]], 0.99)} for s in STAGES},
         "server_errors": sum(v for k, v in rec.status.items() if k.startswith("5") or k == "conn"),
         "client_timeouts": rec.status.get("timeout", 0),
+        "errors": sum(v for k, v in rec.status.items() if k != "200"),
     }
+    if flood:
+        sent = sum(flooded.values())
+        out["flood"] = {"connections": flood, "sent": sent, "per_s": round(sent / elapsed, 1), "status": flooded}
     if kill_at is not None and "t_kill" in kill_info:
         t_kill = kill_info["t_kill"]
         after = [e for e, _, _ in rec.ok if e > t_kill]
@@ -190,15 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--clue-tokens", type=int, default=16)
     ap.add_argument("--units", type=int, default=1)
+    ap.add_argument("--task", default="memorag", choices=["memorag", "qa"], help="the real clients' task")
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--max-in-flight", type=int, default=32, help="per ingress replica (429 beyond)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--ray-address", default=None, help="join this Ray cluster (loopback) instead of a new one")
     ap.add_argument("--port", type=int, default=0, help="HTTP port (0: a free one)")
     ap.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    ap.add_argument("--flood", action="store_true", help="flood phase: with API keys on, --clients' largest "
+                    "level of real clients queries alone, then again while --flood-connections send random keys")
+    ap.add_argument("--flood-connections", type=int, default=16, help="connections sending random keys")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would cost the flood its CPU
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
@@ -252,28 +286,42 @@ def main(argv: list[str] | None = None) -> int:
         "retriever": {"device": args.device, "deployment": {**small, **gpu, "max_ongoing_requests": 64}},
         "generator": gen,
     }
-    cfg = app_config(args.store, host="127.0.0.1", config_file=args.config, no_auth=True, overrides=over)
+    cfg = app_config(args.store, host="127.0.0.1", config_file=args.config, no_auth=not args.flood, overrides=over)
+    headers = None
+    if args.flood:
+        from memorag_core.store.keys import ApiKeyStore
+
+        headers = {"Authorization": f"Bearer {ApiKeyStore(args.store).create(args.collection, 'bench')[1]}"}
     port = args.port or free_port()
     t0 = time.perf_counter()
     base = start_serve(cfg, port=port)
     start_s = time.perf_counter() - t0
     url = f"{base}/v1/collections/{args.collection}/query"
-    body = {"task": "memorag", "max_new_tokens": args.max_new_tokens, "units": args.units, "top_k": args.top_k,
+    body = {"task": args.task, "max_new_tokens": args.max_new_tokens, "units": args.units, "top_k": args.top_k,
             "clue_max_new_tokens": args.clue_tokens}
-    warm = httpx.post(url, json={**body, "query": QUESTIONS[0]}, timeout=args.timeout)
+    warm = httpx.post(url, json={**body, "query": QUESTIONS[0]}, timeout=args.timeout, headers=headers)
     warm.raise_for_status()
     results = {"generator": args.generator, "device": args.device, "collection": args.collection,
                "version": version, "build_s": round(build_s, 1), "serve_start_s": round(start_s, 1),
                "request": body, "load_average_at_start": [round(x, 1) for x in results_load], "levels": []}
-    for n in args.clients:
-        r = asyncio.run(run_phase(url, n, args.duration, body, args.timeout))
+    if args.flood:
+        n = max(args.clients)
+        alone = asyncio.run(run_phase(url, n, args.duration, body, args.timeout, headers=headers))
+        flooded = asyncio.run(run_phase(url, n, args.duration, body, args.timeout, headers=headers,
+                                        flood=args.flood_connections))
+        p50 = alone["latency_s"]["p50"], flooded["latency_s"]["p50"]
+        results["flood"] = {"alone": alone, "flooded": flooded, "load_average_after": [
+            round(x, 1) for x in os.getloadavg()], "p50_ratio": round(p50[1] / p50[0], 2) if all(p50) else None}
+        logger.info("flood: %s", json.dumps(results["flood"]))
+    for n in ([] if args.flood else args.clients):
+        r = asyncio.run(run_phase(url, n, args.duration, body, args.timeout, headers=headers))
         r["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
         logger.info("clients=%d: %s", n, json.dumps(r))
         results["levels"].append(r)
     if args.kill_at is not None:
         n = max(args.clients)
         results["fault"] = asyncio.run(run_phase(url, n, args.fault_duration, body, args.timeout,
-                                                 kill_at=args.kill_at))
+                                                 kill_at=args.kill_at, headers=headers))
         logger.info("fault: %s", json.dumps(results["fault"]))
     print(json.dumps(results, indent=2))
     if args.json:
@@ -284,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.shutdown()
     ray.shutdown()
     bad = sum(lv["server_errors"] for lv in results["levels"])
+    if "flood" in results:
+        bad += results["flood"]["flooded"]["errors"]
     return 1 if bad else 0
 
 

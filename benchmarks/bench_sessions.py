@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     class _P:  # the echo text the session code filters against (English prompts)
         prompts = PROMPTS["en"]
 
-    echo = _C._echo(_P, STANDALONE_PROMPT + " " + RECALL_PROMPT, "")
+    echo = _C.echo(_P, STANDALONE_PROMPT + " " + RECALL_PROMPT, "")
     for d in (done[x["id"]] for x in dialogues if x["id"] in done):
         q2 = d["turn2"]
         # generations stored by an older run are filtered again with the current echo filter (deterministic)

@@ -310,7 +310,7 @@ def serve(
         cfg = app_config(store, host=host, config_file=str(config) if config else None, no_auth=no_auth)
     except ValueError as exc:  # pydantic's ValidationError names the field
         raise InvalidInputError(str(exc)) from None
-    url = start_serve(cfg, port=port, ray_address=ray_address)
+    url = start_serve(cfg, port=port, ray_address=ray_address, progress=lambda m: typer.echo(m, err=True))
     typer.echo(f"memorag serving at {url} (API docs: {url}/docs)", err=False)
     sys.stdout.flush()
     serve_forever(url)
@@ -326,12 +326,15 @@ def keys_create(
     store: str = typer.Option(..., "--store", help="store root: local folder or s3://bucket/prefix"),
     collection: str = typer.Option(..., "--collection", help="the collection the key opens"),
     label: str = typer.Option("", help="a note stored with the key"),
+    tenant: Optional[str] = typer.Option(None, help="who owns what the key's callers store (sessions, user "
+                                                    "memories); give a revoked key's tenant to rotate it "
+                                                    "(default: the new key's id)"),
 ) -> None:
     """Create a key; it is printed once (only its salted hash is stored)."""
     from memorag_core.store.keys import ApiKeyStore
 
-    record, key = ApiKeyStore(store).create(collection, label)
-    typer.echo(f"key id: {record.key_id}", err=True)
+    record, key = ApiKeyStore(store).create(collection, label, tenant=tenant)
+    typer.echo(f"key id: {record.key_id} (tenant {record.tenant})", err=True)
     typer.echo(key)
 
 
@@ -359,7 +362,7 @@ def keys_list(
     from memorag_core.store.keys import ApiKeyStore
 
     for r in ApiKeyStore(store).list(collection):
-        typer.echo(f"{r.key_id}\t{r.created_at}\t{r.label}")
+        typer.echo(f"{r.key_id}\t{r.tenant}\t{r.created_at}\t{r.label}")
 
 
 # -- the store at a glance ----------------------------------------------------------------------------------------

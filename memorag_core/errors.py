@@ -72,3 +72,8 @@ class UnsupportedModelError(MemoRAGError, ValueError):
     softcapping, sliding-window layers shorter than the memory, no rotary embedding to re-rotate kept keys).
     Raised when the memory is built (or, for limits that depend on the memory's size, before it would be
     exceeded); the message names what is missing."""
+
+
+class QuotaExceededError(MemoRAGError):
+    """An owner is over a quota (sessions, stored bytes): HTTP 429 with type ``insufficient_quota``; the message
+    names the quota and how to free room."""

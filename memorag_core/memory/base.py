@@ -325,3 +325,54 @@ class Memory(ABC):
         m = load_memory(url, expected_sha256=expected_sha256, dtype=self.model.dtype,
                         device=str(self.model.device), storage_options=storage_options)
         self.import_tensors(m)
+
+    def drop_entries(self, tensors: "MemoryTensors", start: int, count: int, raw_tokens: int = 0
+                     ) -> "MemoryTensors":
+        """Exported ``tensors`` of this memory with entries ``[start, start + count)`` cut out, nothing re-read.
+
+        Every layer's K and V ``(kv_heads, entries, d)`` (and attention offsets ``(kv_heads, entries)``) lose the
+        range. A memory that re-rotates keys (compact positions) rotates the keys after the range back by
+        ``count`` positions, so that positions stay compact and inside the model's range; the header's counts
+        follow (``raw_tokens``: how many source tokens the cut entries had read). Conversation memories fold
+        their oldest turns away with it (:mod:`memorag_core.query.sessions`).
+
+        Raises:
+            CorruptArtifactError: a layer holds fewer than ``start + count`` entries.
+        """
+        import torch
+
+        from memorag_core.errors import CorruptArtifactError
+        from memorag_core.store.memory_file import MemoryTensors
+
+        if count <= 0:
+            return tensors
+        rerotate = getattr(self, "_rerotate", None)
+        end = start + count
+        keys, values = [], []
+        for i, (k, v) in enumerate(zip(tensors.keys, tensors.values)):  # each (kv_heads, entries, d)
+            if k.shape[1] < end:
+                raise CorruptArtifactError(f"memory layer {i} holds {k.shape[1]} entries, fewer than the {end} "
+                                           "to cut")
+            rest = k[:, end:]  # (kv_heads, entries - end, d)
+            if rerotate is not None and rest.shape[1]:
+                delta = torch.full((1, rest.shape[0], rest.shape[1]), -count, dtype=torch.long,
+                                   device=rest.device)  # (1, kv_heads, entries - end)
+                rest = rerotate(rest[None], delta, layer_idx=i)[0]
+            keys.append(torch.cat([k[:, :start], rest], dim=1))  # (kv_heads, entries - count, d)
+            values.append(torch.cat([v[:, :start], v[:, end:]], dim=1))  # (kv_heads, entries - count, d)
+        extra = {}
+        for name, t in tensors.extra.items():
+            if name.startswith("offsets.") and t.dim() == 2 and t.shape[1] >= end:
+                t = torch.cat([t[:, :start], t[:, end:]], dim=1)  # (kv_heads, entries - count)
+            extra[name] = t
+        header = dict(tensors.header)
+        header["entries"] = int(header["entries"]) - count
+        if "next_position" in header and rerotate is not None:
+            header["next_position"] = int(header["next_position"]) - count
+        header["raw_tokens"] = max(0, int(header.get("raw_tokens", 0)) - raw_tokens)
+        stats = dict(header.get("stats") or {})
+        stats["entries"] = header["entries"]
+        stats["raw_tokens"] = max(0, int(stats.get("raw_tokens", 0)) - raw_tokens)
+        stats["nbytes"] = sum(t.numel() * t.element_size() for t in keys + values)
+        header["stats"] = stats
+        return MemoryTensors(keys=keys, values=values, header=header, extra=extra)

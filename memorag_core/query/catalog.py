@@ -30,7 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError, InvalidInputError
+from memorag_core.errors import (
+    ArtifactNotFoundError,
+    CorruptArtifactError,
+    InvalidInputError,
+    StoreAccessError,
+    StoreUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +229,12 @@ class CollectionCatalog:
         self._leased_at: dict[str, float] = {}
         self._lock = threading.RLock()
         self._loading: dict[tuple[str, str], threading.Lock] = {}
+        #: collections served from a remembered live version because the store did not answer (name -> error)
+        self.degraded: dict[str, str] = {}
 
     def live_version(self, name: str) -> str:
-        """The live version of ``name`` (pointer re-read at most every ``refresh_s``).
+        """The live version of ``name`` (pointer re-read at most every ``refresh_s``). While the store does not
+        answer, the version read last is kept (and ``name`` is listed in :attr:`degraded`).
 
         Raises ArtifactNotFoundError when the collection has no live version; InvalidInputError for a bad name.
         """
@@ -233,11 +242,26 @@ class CollectionCatalog:
         with self._lock:
             cached = self._live.get(name)
         if cached is None or now - cached[1] >= self.refresh_s:
-            version = self.store.current_version(name)
+            try:
+                version = self.store.current_version(name)
+            except (StoreUnavailableError, StoreAccessError) as exc:
+                if cached is None or cached[0] is None:
+                    raise
+                # The store does not answer: keep serving the version this catalog knows (loaded views need no
+                # store read), report degraded, and try the pointer again after refresh_s.
+                with self._lock:
+                    if name not in self.degraded:
+                        logger.warning("collection %s: store unavailable (%s); serving version %s", name,
+                                       type(exc).__name__, cached[0])
+                    self.degraded[name] = type(exc).__name__
+                    self._live[name] = (cached[0], now)
+                return cached[0]
             with self._lock:
                 if cached is not None and cached[0] != version:
                     logger.info("collection %s: live version %s -> %s", name, cached[0], version)
                 self._live[name] = (version, now)
+                if self.degraded.pop(name, None) is not None:
+                    logger.warning("collection %s: store reachable again", name)
             self._renew_leases(name)
         else:
             version = cached[0]
@@ -274,6 +298,11 @@ class CollectionCatalog:
                 self._loading.pop(key, None)
         self._renew_leases(name, force=True)
         return v
+
+    def known_versions(self) -> dict[str, str]:
+        """``collection -> live version`` as this catalog last read them (no store read)."""
+        with self._lock:
+            return {n: v for n, (v, _) in self._live.items() if v is not None}
 
     def held_collections(self) -> list[str]:
         """Names of the collections with a loaded version (whose leases this holder keeps)."""

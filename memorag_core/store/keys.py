@@ -2,7 +2,8 @@
 
 Layout (beside the collection's versions, under the same fsspec root)::
 
-    collections/<name>/keys/<key_id>.json   {"key_id", "collection", "salt", "sha256", "label", "created_at"}
+    collections/<name>/keys/<key_id>.json   {"key_id", "collection", "tenant", "salt", "sha256", "label",
+                                             "created_at"}
 
 A key is ``mrg_<key_id>_<secret>``: ``key_id`` is 16 hex characters (public, names the record), ``secret`` is 32
 random bytes, url-safe base64. Only ``sha256(salt || secret)`` is stored, with a per-key random salt; the key
@@ -13,6 +14,11 @@ Hashes are compared with :func:`hmac.compare_digest` (constant time).
 :meth:`ApiKeyStore.check` tells a key of this collection (``ok``) from a key of another collection (``forbidden``,
 HTTP 403) and from a missing, malformed, revoked or unknown one (``unknown``, HTTP 401). Revoking deletes the
 record; a service that caches verdicts (the Serve ingress does, for a few seconds) sees it within that time.
+
+A key's **tenant** (``--tenant`` at creation; default: the key's own id) owns what the key's callers leave behind
+(conversation sessions, user memories): revoke a key and create another for the same tenant, and those are still
+there (rotation). :meth:`ApiKeyStore.index` lists every key id of the store in one listing, so that a service can
+tell a key id that does not exist without a store read per request.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ logger = logging.getLogger(__name__)
 KEY_PREFIX = "mrg_"
 _KEY_RE = re.compile(r"^mrg_([0-9a-f]{16})_([A-Za-z0-9_-]{20,128})$")
 _KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -44,13 +51,19 @@ class ApiKeyRecord:
 
     Attributes:
         key_id: public id (16 hex). collection: the collection the key opens. label: a note for humans.
-        created_at: ISO-8601 UTC time of creation.
+        created_at: ISO-8601 UTC time of creation. tenant: who owns what the key's callers store (sessions, user
+        memories); keys of one tenant share them (records written before tenants existed: the key id).
     """
 
     key_id: str
     collection: str
     label: str
     created_at: str
+    tenant: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ApiKeyRecord":
+        return cls(d["key_id"], d["collection"], d.get("label", ""), d["created_at"], d.get("tenant") or d["key_id"])
 
 
 def parse_key(key: str) -> tuple[str, str] | None:
@@ -61,6 +74,11 @@ def parse_key(key: str) -> tuple[str, str] | None:
 
 def _digest(salt: bytes, secret: str) -> str:
     return hashlib.sha256(salt + secret.encode()).hexdigest()
+
+
+def secret_matches(record: dict, secret: str) -> bool:
+    """True when ``secret`` is the one whose salted hash ``record`` (a stored key record) holds; constant time."""
+    return hmac.compare_digest(_digest(base64.b64decode(record["salt"]), secret), str(record["sha256"]))
 
 
 class ApiKeyStore:
@@ -82,13 +100,20 @@ class ApiKeyStore:
             raise InvalidInputError(f"key id {key_id!r} must be 16 hex characters")
         return sfs.join(self._dir(collection), f"{key_id}.json")
 
-    def create(self, collection: str, label: str = "") -> tuple[ApiKeyRecord, str]:
-        """Make a new key for ``collection``; returns its record and the key (shown once, not stored)."""
+    def create(self, collection: str, label: str = "", tenant: str | None = None) -> tuple[ApiKeyRecord, str]:
+        """Make a new key for ``collection``; returns its record and the key (shown once, not stored).
+
+        ``tenant`` (1-64 characters of letters, digits, ``_ . @ -``; default: the new key's id) owns what the
+        key's callers store; give a revoked key's tenant to a new key to rotate it.
+        """
         key_id, secret, salt = secrets.token_hex(8), secrets.token_urlsafe(32), secrets.token_bytes(16)
+        if tenant is not None and (not isinstance(tenant, str) or not _TENANT_RE.match(tenant)):
+            raise InvalidInputError(f"tenant {tenant!r} must be 1-64 characters of letters, digits, '_', '.', '@' "
+                                    "or '-', starting with a letter or digit")
         record = ApiKeyRecord(key_id, _check_collection(collection), str(label or ""),
-                              datetime.now(timezone.utc).isoformat())
+                              datetime.now(timezone.utc).isoformat(), tenant or key_id)
         body = {"key_id": key_id, "collection": collection, "label": record.label, "created_at": record.created_at,
-                "salt": base64.b64encode(salt).decode(), "sha256": _digest(salt, secret)}
+                "tenant": record.tenant, "salt": base64.b64encode(salt).decode(), "sha256": _digest(salt, secret)}
         sfs.write_atomic(self.store.fs, self._path(collection, key_id), json.dumps(body).encode())
         logger.info("created API key %s for collection %s", key_id, collection)
         return record, f"{KEY_PREFIX}{key_id}_{secret}"
@@ -113,7 +138,7 @@ class ApiKeyStore:
             if p.endswith(".json"):
                 d = self._read(p)
                 if d is not None:
-                    out.append(ApiKeyRecord(d["key_id"], d["collection"], d.get("label", ""), d["created_at"]))
+                    out.append(ApiKeyRecord.from_dict(d))
         return sorted(out, key=lambda r: r.created_at)
 
     def _read(self, path: str) -> dict | None:
@@ -130,9 +155,27 @@ class ApiKeyStore:
 
     def _matches(self, path: str, secret: str) -> bool:
         d = self._read(path)
-        if d is None:
-            return False
-        return hmac.compare_digest(_digest(base64.b64decode(d["salt"]), secret), str(d["sha256"]))
+        return d is not None and secret_matches(d, secret)
+
+    def read_record(self, collection: str, key_id: str) -> dict | None:
+        """The stored record of ``collection``'s key ``key_id`` (salt and hash included), None when there is none.
+        Raises CorruptArtifactError for a damaged record; StoreUnavailableError when the store does not answer."""
+        return self._read(self._path(collection, key_id))
+
+    def index(self) -> dict[str, str]:
+        """``key id -> collection`` of every key of the store, from one listing (no record is read)."""
+        pattern = self.store._p("collections", "*", "keys", "*.json")
+        try:
+            paths = sfs.with_retries(lambda: self.store.fs.glob(pattern), what="list API keys")
+        except ArtifactNotFoundError:
+            return {}
+        out = {}
+        for p in paths:
+            parts = p.rstrip("/").split("/")
+            key_id = parts[-1][:-len(".json")]
+            if _KEY_ID_RE.match(key_id):
+                out[key_id] = parts[-3]
+        return out
 
     def check(self, collection: str, key: str | None) -> str:
         """Verdict for ``key`` on ``collection``: ``ok``, ``forbidden`` (a valid key of another collection) or

@@ -23,8 +23,8 @@ router to :data:`ROUTERS` (or pass ``extra_routers`` to :func:`create_api`) to a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -35,6 +35,7 @@ from ray.serve import Application
 from memorag_core.errors import InvalidInputError
 from memorag_core.query.compose import QueryComposition, Stages
 from memorag_core.query.types import QueryRequest, QueryResult, StreamEvent
+from pipeline.serve.auth import KeyGate, RateLimiter
 from pipeline.serve.config import ServeAppConfig
 from pipeline.serve.deployments import Generator, MemoryWorker, Retriever
 from pipeline.serve.http import ApiError, GuardMiddleware, install_error_handlers
@@ -83,7 +84,7 @@ def create_api(ingress: "Ingress", extra_routers: list | None = None) -> FastAPI
     install_error_handlers(api, cfg.limits.retry_after_s)
     api.add_middleware(GuardMiddleware, max_body_bytes=cfg.limits.max_body_bytes,
                        max_in_flight=cfg.limits.max_in_flight, retry_after_s=cfg.limits.retry_after_s,
-                       metrics=ingress.metrics)
+                       metrics=ingress.metrics, deadline_s=cfg.limits.deadline_s)
     return api
 
 
@@ -106,7 +107,10 @@ class Ingress:
         self.catalog = CollectionCatalog(config.store, config.storage_options, refresh_s=config.refresh_s,
                                          lease_ttl_s=config.lease_ttl_s)
         self.keys = ApiKeyStore(self.catalog.store)
-        self._verdicts: dict[tuple[str, str], tuple[str, float]] = {}
+        self.gate = KeyGate(self.keys, cache_s=config.ingress.key_cache_s,
+                            index_refresh_s=config.ingress.key_index_refresh_s)
+        self.rates = RateLimiter(config.limits.key_rate_per_s, config.limits.key_burst)
+        self._collections: tuple[list, float] | None = None
         self.memory, self.retriever, self.generator = memory, retriever, generator
         self.composition = QueryComposition(HandleStages(memory, retriever, generator))
         self.metrics = IngressMetrics()
@@ -115,40 +119,66 @@ class Ingress:
         return create_api(self)
 
     # -- auth ------------------------------------------------------------------------------------------------
-    async def authorize(self, collection: str, authorization: str | None) -> None:
-        """Raise ApiError 401 (missing/unknown key) or 403 (a key of another collection) unless the request's
-        bearer key opens ``collection``. Verdicts are cached for ``ingress.key_cache_s`` seconds."""
-        check_collection_name(collection)
-        if not self.config.auth:
-            return
+    async def identify(self, authorization: str | None):
+        """The :class:`~pipeline.serve.auth.Identity` of the request's key; ApiError 401 when it has none.
+        Keys that certainly do not exist are refused here, in the event loop, without a thread or a store call
+        (see :class:`~pipeline.serve.auth.KeyGate`)."""
         key = bearer(authorization)
         if key is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
-        cache_key = (collection, hashlib.sha256(key.encode()).hexdigest())
-        now = time.monotonic()
-        hit = self._verdicts.get(cache_key)
-        if hit is not None and now - hit[1] < self.config.ingress.key_cache_s:
-            verdict = hit[0]
-        else:
-            verdict = await asyncio.to_thread(self.keys.check, collection, key)
-            if len(self._verdicts) > 10_000:
-                self._verdicts.clear()
-            self._verdicts[cache_key] = (verdict, now)
-        if verdict == "unknown":
+        ident = None if self.gate.refused(key) else await asyncio.to_thread(self.gate.identify, key)
+        if ident is None:
             raise ApiError(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-        if verdict == "forbidden":
+        wait = self.rates.take(ident.key_id)
+        if wait is not None:
+            raise ApiError(429, f"this API key is over its rate of {self.config.limits.key_rate_per_s:g} requests/s "
+                                f"(bursts of {self.config.limits.key_burst}); retry later",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        return ident
+
+    async def authorize(self, collection: str, authorization: str | None) -> None:
+        """Raise ApiError 401 (missing/unknown key), 403 (a key of another collection) or 429 (the key's rate)
+        unless the request's bearer key opens ``collection``. Verdicts are cached for ``ingress.key_cache_s``."""
+        check_collection_name(collection)
+        if not self.config.auth:
+            return
+        ident = await self.identify(authorization)
+        if ident.collection != collection:
             raise ApiError(403, f"this API key does not open collection {collection!r}")
 
     async def visible_collections(self, authorization: str | None) -> list[str] | None:
         """Collections a caller may list: all without auth, else the key's own (401 without a valid key)."""
         if not self.config.auth:
             return None
-        key = bearer(authorization)
-        owner = await asyncio.to_thread(self.keys.owner, key) if key else None
-        if owner is None:
-            raise ApiError(401, "missing or unknown API key", headers={"WWW-Authenticate": "Bearer"})
-        return [owner]
+        return [(await self.identify(authorization)).collection]
+
+    async def caller_owner(self, authorization: str | None, collection: str | None) -> str:
+        """The owner token of the caller without naming a collection in the path: their key's tenant in the
+        key's collection (401 without a valid key) or, without auth, the ``collection`` they name (422 without)."""
+        from memorag_core.query.sessions import owner_of, tenant_owner
+
+        if self.config.auth:
+            ident = await self.identify(authorization)
+            return tenant_owner(ident.tenant, ident.collection)
+        if not collection:
+            raise ApiError(422, "collection: name the session's collection (query parameter) when the service "
+                                "runs without API keys", param="collection")
+        return owner_of(None, check_collection_name(collection))
+
+    async def collections(self) -> list:
+        """The store's collections with their live version (cached for ``ingress.list_cache_s``)."""
+        from memorag_core.errors import StoreAccessError, StoreUnavailableError
+
+        now = time.monotonic()
+        if self._collections is None or now - self._collections[1] >= self.config.ingress.list_cache_s:
+            try:
+                self._collections = (await asyncio.to_thread(self.catalog.collections), now)
+            except (StoreUnavailableError, StoreAccessError):
+                if self._collections is None:
+                    raise
+                self._collections = (self._collections[0], now)  # the store does not answer: the last list
+        return self._collections[0]
 
     # -- queries ---------------------------------------------------------------------------------------------
     async def resolve_version(self, name: str, version: str | None) -> str:
@@ -163,10 +193,16 @@ class Ingress:
         return await asyncio.to_thread(self.catalog.live_version, name)
 
     def owner(self, name: str, authorization: str | None) -> str:
-        """Whose sessions and user memories a request reads: its key's hash (the collection's without auth)."""
-        from memorag_core.query.sessions import owner_of
+        """Whose sessions and user memories a request reads (after :meth:`authorize`): its key's tenant in
+        ``name`` (so a rotated key of the same tenant reads the same ones), the collection's without auth."""
+        from memorag_core.query.sessions import owner_of, tenant_owner
 
-        return owner_of(bearer(authorization) if self.config.auth else None, name)
+        if not self.config.auth:
+            return owner_of(None, name)
+        ident = self.gate.cached(bearer(authorization))
+        if ident is None:  # authorize ran a moment ago; only a cache cleared in between lands here
+            raise ApiError(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
+        return tenant_owner(ident.tenant, name)
 
     async def answer(self, name: str, request: QueryRequest, version: str | None = None, *, stream: bool = False,
                      owner: str | None = None) -> AsyncIterator[StreamEvent]:

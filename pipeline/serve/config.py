@@ -75,6 +75,12 @@ class LimitsConfig(_Strict):
     max_body_bytes: int = Field(64 * 1024, ge=256, description="largest request body, in bytes (413 beyond)")
     max_in_flight: int = Field(32, ge=1, description="requests an ingress replica works on at once (429 beyond)")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 429 or 503, in seconds")
+    deadline_s: float = Field(300.0, ge=0, description="seconds a /v1/ request may take (504 beyond; its work "
+                                                       "is cancelled); 0: no deadline")
+    key_rate_per_s: float = Field(10.0, ge=0, description="requests per second one API key may send (token "
+                                                          "bucket per key and ingress replica; 0: no limit); "
+                                                          "beyond: 429 with Retry-After")
+    key_burst: int = Field(20, ge=1, description="requests one API key may send at once (the bucket's size)")
 
     def query_limits(self) -> QueryLimits:
         return QueryLimits(self.max_query_chars, self.max_new_tokens, self.max_clue_tokens, self.max_units,
@@ -89,6 +95,10 @@ class IngressConfig(_Strict):
         description="replicas and resources; max_ongoing_requests must exceed limits.max_in_flight so that the "
                     "ingress itself answers 429")
     key_cache_s: float = Field(5.0, ge=0, description="seconds an API-key verdict is cached (revocation delay)")
+    key_index_refresh_s: float = Field(2.0, ge=0, description="the index of key ids is re-listed at most this "
+                                                              "often; a key created since is accepted after it")
+    list_cache_s: float = Field(5.0, ge=0, description="seconds the collection list (/v1/collections, "
+                                                       "/v1/models) is cached")
 
 
 class MemoryWorkerConfig(_Strict):
@@ -101,6 +111,9 @@ class MemoryWorkerConfig(_Strict):
                                                  "collection's own setting")
     max_batch_size: int = Field(8, ge=1, description="clue requests decoded together (Serve batching)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="seconds a batch waits to fill")
+    warm_s: float = Field(120.0, ge=0, description="at start, seconds a replica may spend loading the live "
+                                                   "versions' memory model and unit memories (within cache_bytes) "
+                                                   "before it reports ready; 0: load on first use")
 
 
 class RetrieverConfig(_Strict):
@@ -130,6 +143,8 @@ class RetrieverConfig(_Strict):
         from memorag_core.retrieval.queries import PlanConfig
 
         return PlanConfig.from_dict(self.plan)
+    warm: bool = Field(True, description="at start, load the live versions (indexes, embedder) before reporting "
+                                         "ready")
 
 
 class GeneratorConfig(_Strict):
@@ -148,6 +163,8 @@ class GeneratorConfig(_Strict):
                                           "transformers/OpenAI backend's own (batch_size, api_key, ...)")
     max_batch_size: int = Field(8, ge=1, description="non-streamed answers generated together (Serve batching)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="seconds a batch waits to fill")
+    warm: bool = Field(True, description="at start, generate one token before reporting ready (a backend's first "
+                                         "call is several times slower than the next ones)")
 
 
 def is_loopback(host: str) -> bool:
@@ -172,6 +189,13 @@ class SessionsConfig(_Strict):
     max_history_chars: int = Field(32_000, ge=1, description="most characters of a chat history (413 beyond)")
     standalone_tokens: int = Field(40, ge=1, description="most tokens of the standalone question")
     recall_tokens: int = Field(48, ge=1, description="most tokens of the session / user recalls")
+    user_ttl_s: float = Field(365 * 24 * 3600.0, gt=0, description="a user memory untouched this long is deleted "
+                                                                   "by the sweeper (s)")
+    max_sessions_per_owner: int = Field(1000, ge=1, description="live sessions one tenant may hold (429 beyond)")
+    max_bytes_per_owner: int = Field(4 << 30, ge=1, description="bytes of session and user memories one tenant "
+                                                               "may store (429 for a new session beyond)")
+    sweep_every_s: float = Field(60.0, gt=0, description="the sweeper ends expired sessions and deletes expired "
+                                                         "user memories this often (a thread per memory worker)")
 
     def session_config(self):
         from memorag_core.query.sessions import SessionConfig
@@ -179,7 +203,9 @@ class SessionsConfig(_Strict):
         return SessionConfig(ttl_s=self.ttl_s, max_turns=self.max_turns, max_bytes=self.max_bytes,
                              user_every=self.user_every, max_history_messages=self.max_history_messages,
                              max_history_chars=self.max_history_chars, standalone_tokens=self.standalone_tokens,
-                             recall_tokens=self.recall_tokens)
+                             recall_tokens=self.recall_tokens, user_ttl_s=self.user_ttl_s,
+                             max_sessions_per_owner=self.max_sessions_per_owner,
+                             max_bytes_per_owner=self.max_bytes_per_owner, sweep_every_s=self.sweep_every_s)
 
 
 class ServeAppConfig(_Strict):
@@ -211,6 +237,66 @@ class ServeAppConfig(_Strict):
         if self.lease_ttl_s <= self.refresh_s:
             raise ValueError("lease_ttl_s must exceed refresh_s (leases are renewed every refresh_s)")
         return self
+
+
+DEPLOYMENTS = ("ingress", "memory", "retriever", "generator")
+
+
+def _replicas(d: DeploymentOptions) -> int:
+    return d.autoscaling.min_replicas if d.autoscaling is not None else d.num_replicas
+
+
+def cpu_demand(cfg: ServeAppConfig) -> dict[str, float]:
+    """CPUs each deployment reserves at start (``num_cpus`` x replicas, autoscaling: x ``min_replicas``)."""
+    return {n: getattr(cfg, n).deployment.num_cpus * _replicas(getattr(cfg, n).deployment) for n in DEPLOYMENTS}
+
+
+def cpus_set_by_user(cfg: ServeAppConfig, name: str) -> bool:
+    """True when the config (file or flags) names ``<name>.deployment.num_cpus`` itself (not a default)."""
+    section = getattr(cfg, name)
+    return ("deployment" in section.model_fields_set and "num_cpus" in section.deployment.model_fields_set
+            and name in cfg.model_fields_set)
+
+
+def fit_to_cpus(cfg: ServeAppConfig, cpus: float, *, refuse: bool = True) -> tuple[ServeAppConfig, str | None]:
+    """The config with default CPU sizes scaled down so that every deployment fits ``cpus``.
+
+    Deployments whose ``num_cpus`` the config leaves at its default share what the explicitly sized ones leave,
+    in proportion to their defaults (a 2-CPU node: ingress 0.18, memory 0.73, retriever 0.36, generator 0.73).
+    Returns ``(config, note)``: ``note`` says what was changed (None when nothing was).
+
+    Raises:
+        InvalidInputError: (``refuse``) the explicitly sized deployments alone ask for more than ``cpus``, or
+            leave less than 0.05 CPU per replica to the others; the message names the shortfall and the settings.
+    """
+    from memorag_core.errors import InvalidInputError
+
+    demand = cpu_demand(cfg)
+    total = sum(demand.values())
+    if total <= cpus + 1e-9:
+        return cfg, None
+    shown = ", ".join(f"{n} {v:g}" for n, v in demand.items())
+    fixed = {n: v for n, v in demand.items() if cpus_set_by_user(cfg, n)}
+    free = {n: v for n, v in demand.items() if n not in fixed and v > 0}
+    room = cpus - sum(fixed.values())
+    factor = room / sum(free.values()) if free else 0.0
+    too_small = not free or any(getattr(cfg, n).deployment.num_cpus * factor < 0.05 for n in free)
+    if room <= 0 or too_small:
+        msg = (f"the deployments ask for {total:g} CPUs ({shown}) but the Ray cluster has {cpus:g}: "
+               f"{total - cpus:g} short. Lower " + ", ".join(f"{n}.deployment.num_cpus" for n in (fixed or demand))
+               + " in the config file (--config), or start on a larger node / join a cluster (--ray-address)")
+        if refuse:
+            raise InvalidInputError(msg)
+        return cfg, msg
+    update = {}
+    for n in free:
+        section = getattr(cfg, n)
+        dep = section.deployment.model_copy(update={"num_cpus": round(section.deployment.num_cpus * factor - 5e-3, 2)})
+        update[n] = section.model_copy(update={"deployment": dep})
+    fitted = cfg.model_copy(update=update)
+    note = (f"default CPU sizes ({shown}: {total:g}) scaled by {factor:.2f} to fit the cluster's {cpus:g} CPUs: "
+            + ", ".join(f"{n} {v:g}" for n, v in cpu_demand(fitted).items()))
+    return fitted, note
 
 
 def load_serve_config_file(path: str) -> tuple[dict, dict]:

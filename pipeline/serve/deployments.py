@@ -49,6 +49,18 @@ class _CatalogOwner:
         period = max(1.0, min(app.refresh_s, app.lease_ttl_s / 3))
         threading.Thread(target=self._renew, args=(period,), daemon=True, name="lease-renewal").start()
 
+    def live_versions(self) -> list[tuple[str, str]]:
+        """``(collection, live version)`` of every published collection of the store (for warming at start)."""
+        from memorag_core.errors import ArtifactNotFoundError
+
+        out = []
+        for name in self.catalog.store.list_collections():
+            try:
+                out.append((name, self.catalog.live_version(name)))
+            except ArtifactNotFoundError:
+                continue
+        return out
+
     def _renew(self, period: float) -> None:
         while not self._stop.wait(period):
             for name in self.catalog.held_collections():
@@ -82,6 +94,7 @@ class MemoryWorker(SessionWorker, _CatalogOwner):
         self._open_catalog(app)
         self.writer = ClueWriter(self.catalog, cache_bytes=cfg.cache_bytes, device=cfg.device)
         self.session_config = app.sessions.session_config()
+        self._sweeper = self.start_sweeper(self.session_config.sweep_every_s)
         self._clue_batch.set_max_batch_size(cfg.max_batch_size)
         self._clue_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         from ray.serve.metrics import Counter, Histogram
@@ -90,6 +103,36 @@ class MemoryWorker(SessionWorker, _CatalogOwner):
                                "worker, by result (hit, miss)", tag_keys=("result",))
         self.m_batch = Histogram("memorag_clue_batch_size", description="clue requests decoded together",
                                  boundaries=[1, 2, 4, 8, 16, 32], tag_keys=())
+        if cfg.warm_s > 0:
+            self.warm(cfg.warm_s)
+
+    def warm(self, budget_s: float) -> dict:
+        """Load the memory model and the unit memories of every live version, within ``budget_s`` seconds and the
+        memory cache's bytes, so that the first queries after a start do not pay for loading. Each unit is
+        loaded through a one-token clue decode (which also runs the model's slow first call). Returns counts."""
+        t0 = time.perf_counter()
+        done = {"collections": 0, "units": 0, "skipped_units": 0}
+        try:
+            targets = self.live_versions()
+        except Exception as exc:  # noqa: BLE001 - a store hiccup at start: load on first use instead
+            logger.warning("warm-up skipped: %s", type(exc).__name__)
+            return done
+        for name, version in targets:
+            try:
+                view = self.catalog.view(name, version)
+                self.writer.memory_for(view)
+                done["collections"] += 1
+                for uid in view.units:
+                    cache = self.writer.stats()["cache"]
+                    if time.perf_counter() - t0 > budget_s or cache["bytes"] >= cache["max_bytes"]:
+                        done["skipped_units"] += 1
+                        continue
+                    self.writer.clues_batch(name, version, [("warm-up", [uid])], max_new_tokens=1)
+                    done["units"] += 1
+            except Exception as exc:  # noqa: BLE001 - a collection that cannot load fails its own queries later
+                logger.warning("warm-up of %s/%s failed: %s", name, version, type(exc).__name__)
+        logger.info("memory worker warmed %s in %.1f s", done, time.perf_counter() - t0)
+        return done
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _clue_batch(self, jobs: list[tuple]) -> list[Any]:
@@ -147,6 +190,25 @@ class Retriever(_CatalogOwner):
         self._open_catalog(app)
         self.retriever = EvidenceRetriever(self.catalog, plan=app.retriever.plan_config(), device=cfg.device)
         self.stored_summaries = StoredSummaries(self.catalog)
+        if cfg.warm:
+            self.warm()
+
+    def warm(self) -> int:
+        """Load every live version (index shards, chunk rows, router) and its embedder; returns how many."""
+        n = 0
+        try:
+            targets = self.live_versions()
+        except Exception as exc:  # noqa: BLE001 - a store hiccup at start: load on first use instead
+            logger.warning("warm-up skipped: %s", type(exc).__name__)
+            return 0
+        for name, version in targets:
+            try:
+                view = self.catalog.view(name, version)
+                self.retriever.embed(view, ["warm-up"])
+                n += 1
+            except Exception as exc:  # noqa: BLE001 - fails its own queries later, with their status
+                logger.warning("warm-up of %s/%s failed: %s", name, version, type(exc).__name__)
+        return n
 
     async def units(self, name: str, version: str, request: QueryRequest) -> list[RoutedUnit]:
         """The units that write clues for ``request`` (memorag: route; summarize: the document's or a spread)."""
@@ -184,8 +246,14 @@ class Generator:
         options = LoadOptions(**{k: v for k, v in (("device", cfg.device), ("dtype", cfg.dtype)) if v})
         t0 = time.perf_counter()
         self.answerer = Answerer(load_generator(cfg.spec, options, **kwargs))
+        if cfg.warm:
+            try:
+                self.answerer.generate("qa", "warm-up", ["warm-up"], max_new_tokens=1)
+            except Exception as exc:  # noqa: BLE001 - its first real call reports the error
+                logger.warning("generator warm-up failed: %s", exc)
         logger.info("generator %s ready in %.1f s", self.answerer.name, time.perf_counter() - t0)
         self._lock = threading.Lock()  # one decode at a time (engines and HF models are not re-entrant)
+        self.counts = {"active": 0, "cancelled": 0, "stopped": 0}
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -193,15 +261,38 @@ class Generator:
         with self._lock:
             return self.answerer.generator.generate(prompts, max_new_tokens=max_new_tokens)
 
+    def _generate_one(self, prompt: str, max_new_tokens: int, cancelled: threading.Event) -> str:
+        """One answer, decoded as a stream so that ``cancelled`` (its caller went away) stops it at the next
+        piece; the backend stops generating when its stream is closed."""
+        pieces: list[str] = []
+        with self._lock:
+            stream = self.answerer.generator.stream(prompt, max_new_tokens=max_new_tokens)
+            try:
+                for piece in stream:
+                    if cancelled.is_set():
+                        self.counts["stopped"] += 1
+                        break
+                    pieces.append(piece)
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+        return "".join(pieces)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batch(self, jobs: list[tuple]) -> list[Any]:
-        """``jobs``: ``(task, query, evidence, max_new_tokens)``; one generate call per max_new_tokens value."""
+        """``jobs``: ``(task, query, evidence, max_new_tokens, cancelled)``; one generate call per max_new_tokens
+        value. Jobs whose caller is gone are skipped; a job alone in its group is decoded as a stream that stops
+        when its caller goes away (a batch of several runs to its end: the others still want it)."""
         from memorag_core.query import generation_prompt
 
         out: list[Any] = [None] * len(jobs)
         groups: dict[int, list[int]] = {}
         prompts: dict[int, str] = {}
-        for i, (task, query, evidence, max_new) in enumerate(jobs):
+        for i, (task, query, evidence, max_new, cancelled) in enumerate(jobs):
+            if cancelled.is_set():
+                out[i] = asyncio.CancelledError()
+                continue
             try:
                 prompts[i] = generation_prompt(task, query, list(evidence))
                 groups.setdefault(max_new, []).append(i)
@@ -209,7 +300,11 @@ class Generator:
                 out[i] = exc
         for max_new, members in groups.items():
             try:
-                answers = await asyncio.to_thread(self._generate_many, [prompts[i] for i in members], max_new)
+                if len(members) == 1:
+                    answers = [await asyncio.to_thread(self._generate_one, prompts[members[0]], max_new,
+                                                       jobs[members[0]][4])]
+                else:
+                    answers = await asyncio.to_thread(self._generate_many, [prompts[i] for i in members], max_new)
             except Exception as exc:  # noqa: BLE001
                 answers = [exc] * len(members)
             for i, a in zip(members, answers):
@@ -217,36 +312,78 @@ class Generator:
         return out
 
     async def generate(self, task: str, query: str | None, evidence: list[str], max_new_tokens: int) -> str:
-        """The whole answer."""
-        r = await self._batch((task, query, tuple(evidence), max_new_tokens))
-        if isinstance(r, Exception):
+        """The whole answer. A caller that goes away (client disconnect, deadline: Serve cancels this call)
+        stops its decoding when it runs alone (see :meth:`_batch`)."""
+        cancelled = threading.Event()
+        self.counts["active"] += 1
+        try:
+            r = await self._batch((task, query, tuple(evidence), max_new_tokens, cancelled))
+        except asyncio.CancelledError:
+            cancelled.set()
+            self.counts["cancelled"] += 1
+            raise
+        finally:
+            self.counts["active"] -= 1
+        if isinstance(r, BaseException):
             raise r
         return r.strip()
 
     async def stream(self, task: str, query: str | None, evidence: list[str], max_new_tokens: int):
-        """The answer in pieces as the backend writes them (call with ``handle.options(stream=True)``)."""
+        """The answer in pieces as the backend writes them (call with ``handle.options(stream=True)``). When the
+        caller goes away, the decoding stops at the next piece and the replica is free for the next request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
+        stop = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone (replica stopping)
+                stop.set()
 
         def produce() -> None:
             try:
                 with self._lock:
-                    for piece in self.answerer.stream(task, query, list(evidence), max_new_tokens=max_new_tokens):
-                        loop.call_soon_threadsafe(queue.put_nowait, piece)
+                    pieces = self.answerer.stream(task, query, list(evidence), max_new_tokens=max_new_tokens)
+                    try:
+                        for piece in pieces:
+                            if stop.is_set():
+                                self.counts["stopped"] += 1
+                                break
+                            put(piece)
+                    finally:
+                        close = getattr(pieces, "close", None)
+                        if close is not None:
+                            close()  # the backend stops generating
             except Exception as exc:  # noqa: BLE001 - re-raised in the stream below
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                put(exc)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                self.counts["active"] -= 1
+                put(done)
 
+        self.counts["active"] += 1
         threading.Thread(target=produce, daemon=True, name="generate-stream").start()
-        while True:
-            item = await queue.get()
-            if item is done:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    finished = True
+                    return
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                yield item
+        finally:
+            if not finished:
+                stop.set()
+                self.counts["cancelled"] += 1
+
+    def stats(self) -> dict:
+        """``active``: decodes running or queued; ``cancelled``: calls whose caller went away before the end;
+        ``stopped``: decodes stopped early because of that."""
+        return dict(self.counts)
 
     def name(self) -> str:
         return self.answerer.name

@@ -16,14 +16,20 @@ a key of another collection       403
 unknown collection or version     404
 body over ``max_body_bytes``      413
 over ``max_in_flight``            429     ``Retry-After``
+over the key's rate               429     ``Retry-After`` (token bucket per key, ``limits.key_rate_per_s``)
+over a tenant's quota             429     type ``insufficient_quota`` (sessions, stored bytes)
 a stage unavailable (replica      503     ``Retry-After``; Serve replaces the replica
 restarting, back-pressure)
+past ``limits.deadline_s``        504     the request's work is cancelled
 anything else                     500     logged with its traceback; the client gets a generic message
 ================================  ======  =====================================================================
+
+No message shows a store URL or a filesystem path (:func:`scrub`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -38,6 +44,7 @@ from memorag_core.errors import (
     InvalidInputError,
     MemoRAGError,
     PayloadTooLargeError,
+    QuotaExceededError,
     StoreAccessError,
     StoreUnavailableError,
 )
@@ -94,25 +101,43 @@ def _unavailable(exc: BaseException) -> bool:
                          "ObjectLostError", "NodeDiedError", "GetTimeoutError", "RequestCancelledError"})
 
 
+_LOCATION = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"),]+|(?<![\w.])(?:[A-Za-z]:)?(?:/[^\s/'\"),:]+){2,}/?")
+
+
+def scrub(message: str) -> str:
+    """``message`` without store URLs or filesystem paths (each becomes ``<store>``): an error body names the
+    cause, never where the service keeps its data."""
+    return _LOCATION.sub("<store>", message)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return scrub(text.splitlines()[0] if text else "")
+
+
 def to_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
-    """Map any exception raised while answering to the :class:`ApiError` the client sees."""
+    """Map any exception raised while answering to the :class:`ApiError` the client sees (messages scrubbed of
+    store URLs and paths, see :func:`scrub`)."""
     if isinstance(exc, ApiError):
+        exc.message = scrub(exc.message)
         return exc
     inner = _unwrap(exc)
     if isinstance(inner, PayloadTooLargeError):
-        return ApiError(413, str(inner).split("\n")[0], param="messages")
+        return ApiError(413, _first_line(inner), param="messages")
+    if isinstance(inner, QuotaExceededError):
+        return ApiError(429, _first_line(inner), kind="insufficient_quota")
     if isinstance(inner, InvalidInputError):
-        msg = str(inner).split("\n")[0]
+        msg = _first_line(inner)
         return ApiError(400, msg, param=field_of(msg))
     if isinstance(inner, ArtifactNotFoundError):
-        return ApiError(404, str(inner).split("\n")[0])
+        return ApiError(404, _first_line(inner))
     if isinstance(inner, (StoreUnavailableError, StoreAccessError)) or _unavailable(inner) or _unavailable(exc):
         logger.warning("unavailable: %s: %s", type(inner).__name__, str(inner).split("\n")[0])
         return ApiError(503, "a stage of the service is unavailable (restarting or overloaded); retry",
                         headers={"Retry-After": str(retry_after_s)})
     if isinstance(inner, MemoRAGError):
         logger.error("server-side error: %s: %s", type(inner).__name__, inner)
-        return ApiError(500, f"{type(inner).__name__}: {str(inner).splitlines()[0] if str(inner) else ''}")
+        return ApiError(500, f"{type(inner).__name__}: {_first_line(inner)}")
     logger.error("internal error", exc_info=(type(exc), exc, exc.__traceback__))
     return ApiError(500, "internal error (logged on the server)")
 
@@ -141,7 +166,7 @@ def install_error_handlers(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(to_api_error(exc))
 
     @app.exception_handler(Exception)
     async def _any(_: Request, exc: Exception) -> JSONResponse:
@@ -163,16 +188,31 @@ def route_label(path: str) -> str:
     return "other"
 
 
+def as_json(scope: dict) -> dict:
+    """``scope`` with its body declared JSON: every ``/v1/`` body is JSON, and ``curl -d '{...}'`` (which sends
+    ``application/x-www-form-urlencoded``) or a client that names no type would otherwise get 422."""
+    if scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        return scope
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k.lower() != b"content-type"]
+    ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+    if ctype.split(b";")[0].strip().lower().endswith(b"json"):
+        return scope
+    return {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+
+
 class GuardMiddleware:
     """ASGI middleware in front of every route: body-size bound (413), in-flight bound per replica (429 with
-    Retry-After, for ``/v1/`` routes), and request / error counters by route and status.
+    Retry-After, for ``/v1/`` routes), the request deadline (504, ``/v1/`` routes; the route's work is cancelled,
+    and with it the deployment calls it waits for), and request / error counters by route and status.
 
     In-flight counts a request until its response has been sent completely (streams included).
     """
 
-    def __init__(self, app, *, max_body_bytes: int, max_in_flight: int, retry_after_s: int, metrics=None) -> None:
+    def __init__(self, app, *, max_body_bytes: int, max_in_flight: int, retry_after_s: int, metrics=None,
+                 deadline_s: float = 0.0) -> None:
         self.app = app
         self.max_body_bytes, self.max_in_flight, self.retry_after_s = max_body_bytes, max_in_flight, retry_after_s
+        self.deadline_s = deadline_s
         self.in_flight = 0
         self.metrics = metrics
 
@@ -217,6 +257,7 @@ class GuardMiddleware:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                status["started"] = True
             await send(message)
 
         try:
@@ -226,6 +267,8 @@ class GuardMiddleware:
                                                                    f"limit is {self.max_body_bytes}", param="body"))
                 return
             limited = path.startswith("/v1/")
+            if limited:
+                scope = as_json(scope)
             if limited and self.in_flight >= self.max_in_flight:
                 await self._send_error(send_wrapper, ApiError(
                     429, f"this replica is working on {self.in_flight} requests (limit {self.max_in_flight}); "
@@ -237,7 +280,19 @@ class GuardMiddleware:
             try:
                 receive_limited = await self._read_body(scope, receive, send_wrapper)
                 if receive_limited is not None:
-                    await self.app(scope, receive_limited, send_wrapper)
+                    if limited and self.deadline_s > 0:
+                        await asyncio.wait_for(self.app(scope, receive_limited, send_wrapper), self.deadline_s)
+                    else:
+                        await self.app(scope, receive_limited, send_wrapper)
+            except asyncio.TimeoutError:
+                # The route's task (and the deployment calls it awaited) was cancelled by wait_for.
+                logger.warning("deadline: %s over %.0f s", label, self.deadline_s)
+                if not status.get("started"):
+                    await self._send_error(send_wrapper, ApiError(
+                        504, f"the request took longer than the service's deadline of {self.deadline_s:g} s",
+                        kind="timeout_error"))
+                else:
+                    status["code"] = 504  # a stream cut short: counted, the connection is closed
             except ApiError as err:
                 await self._send_error(send_wrapper, err)
             finally:

@@ -5,13 +5,15 @@ Conversation memories read and write the memory model, so they live where it liv
 state is in the store (``sessions/``, ``users/``; see :mod:`memorag_core.query.sessions`), so any replica serves any
 session and a restarted replica carries on. The ingress asks for a :class:`~memorag_core.query.sessions.
 SessionContext` before routing (``session_prepare``) and records the turn after the answer (``session_record``).
-Expired sessions are ended (their turns fed to user memories) by a sweep at most once a minute per replica.
+Expired sessions are ended (their turns fed to user memories) and expired user memories deleted by a sweeper
+thread every ``sweep_every_s`` per replica, off the request path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from memorag_core.query.sessions import ConversationState, SessionContext
 
@@ -32,12 +34,23 @@ class SessionWorker:
             self._conv = conv
         return conv
 
+    def start_sweeper(self, every_s: float) -> threading.Event:
+        """Sweep expired sessions and user memories every ``every_s`` seconds on a daemon thread (never on the
+        request path); returns the event that stops it."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self._conversations().sweep(min_interval_s=0)
+                except Exception as exc:  # noqa: BLE001 - a store hiccup must not end the thread
+                    logger.warning("session sweep failed: %s", type(exc).__name__)
+
+        threading.Thread(target=loop, daemon=True, name="session-sweeper").start()
+        return stop
+
     async def _run(self, fn, *args, **kwargs):
         conv = self._conversations()
-        try:
-            await asyncio.to_thread(conv.sweep)
-        except Exception as exc:  # noqa: BLE001 - a sweep failure must not fail the request
-            logger.warning("session sweep failed: %s", exc)
         return await asyncio.to_thread(getattr(conv, fn) if isinstance(fn, str) else fn, *args, **kwargs)
 
     async def session_create(self, name: str, owner: str, user_id: str | None) -> dict:
@@ -58,10 +71,9 @@ class SessionWorker:
         return state.public()
 
     async def user_delete(self, user_id: str, owner: str) -> dict:
-        """Delete ``owner``'s memory of ``user_id``."""
-        conv = self._conversations()
-        state = await asyncio.to_thread(conv.sessions.delete, "user", user_id, owner)
-        return {"id": state.id, "deleted": True, "records": state.turn_count}
+        """Delete ``owner``'s user ``user_id``: the user memory and every session that carries the id."""
+        out = await self._run("delete_user", owner, user_id)
+        return {"id": user_id, "deleted": True, **out}
 
     async def session_prepare(self, name: str, owner: str, query: str, session_id: str | None,
                               user_id: str | None) -> SessionContext:

@@ -137,9 +137,8 @@ async def query_collection(name: str, body: QueryBody, authorization: Optional[s
 @router.get("/collections", response_model=CollectionsOut)
 async def list_collections(authorization: Optional[str] = Header(None), ingress=Depends(get_ingress)):
     """Collections with their live version and counts (with auth on: the collection of the caller's key)."""
-    import asyncio
     import dataclasses
 
     visible = await ingress.visible_collections(authorization)
-    infos = await asyncio.to_thread(ingress.catalog.collections)
+    infos = await ingress.collections()
     return {"collections": [dataclasses.asdict(i) for i in infos if visible is None or i.name in visible]}

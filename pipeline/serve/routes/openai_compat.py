@@ -29,16 +29,17 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
 
 
 class ChatBody(BaseModel):
-    """OpenAI chat-completion request; unknown OpenAI fields are accepted and ignored."""
+    """OpenAI chat-completion request; unknown OpenAI fields are accepted and ignored. The fields it reads are
+    typed as strictly as the native API's (``"top_k": true`` or ``"5"`` is a 422 naming the field, not 1 or 5)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(..., description="the collection to ask")
     messages: list[ChatMessage] = Field(..., description="the last user message is the question")
@@ -89,8 +90,6 @@ async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: s
     """Earlier turns -> the history's session (``request.session_id``); ``user`` -> ``request.user_id``."""
     from memorag_core.query.sessions import check_user_id
 
-    if body.user is not None:
-        request.user_id = check_user_id(body.user)
     if not any(m.role == "assistant" for m in body.messages):
         return
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages if m.role in ("system", "user",
@@ -99,12 +98,27 @@ async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: s
     request.session_id = sid or None
 
 
+def checked_request(body: ChatBody, ingress) -> QueryRequest:
+    """The engine's request of ``body``, every field and the history's bounds checked: nothing is written
+    (the history's session) before the whole request is known to be valid."""
+    from memorag_core.query.sessions import check_user_id, history_turns
+
+    request = _request(body, ingress.config.default_task, ingress.limits)
+    if body.user is not None:
+        request.user_id = check_user_id(body.user)
+    request.validate(ingress.limits)
+    if any(m.role == "assistant" for m in body.messages):
+        history_turns([{"role": m.role, "content": _text(m)} for m in body.messages
+                       if m.role in ("system", "user", "assistant")], ingress.config.sessions.session_config())
+    return request
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatBody, authorization: Optional[str] = Header(None),
                            ingress=Depends(get_ingress)):
     """Answer the last user message from collection ``model``."""
     await ingress.authorize(body.model, authorization)
-    request = _request(body, ingress.config.default_task, ingress.limits)
+    request = checked_request(body, ingress)
     owner = ingress.owner(body.model, authorization)
     await _with_history(ingress, body, request, owner)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -150,10 +164,8 @@ async def chat_completions(body: ChatBody, authorization: Optional[str] = Header
 @router.get("/models")
 async def list_models(authorization: Optional[str] = Header(None), ingress=Depends(get_ingress)):
     """The collections (with a live version) as OpenAI models."""
-    import asyncio
-
     visible = await ingress.visible_collections(authorization)
-    infos = await asyncio.to_thread(ingress.catalog.collections)
+    infos = await ingress.collections()
     data = []
     for i in infos:
         if i.version is None or (visible is not None and i.name not in visible):

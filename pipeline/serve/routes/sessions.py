@@ -6,11 +6,11 @@ route                                                  what
 ``POST /v1/collections/{name}/sessions``               a new session (``{user_id?}``) -> 201 and its state
 ``GET /v1/sessions/{id}``                              the session's state: collection, user, turns, expiry
 ``DELETE /v1/sessions/{id}``                           end it: its turns reach the user memory, then it is deleted
-``DELETE /v1/users/{id}``                              delete the caller's memory of that user
+``DELETE /v1/users/{id}``                              delete the user: their memory and every session naming them
 =====================================================  ==========================================================
 
-A session belongs to the API key that created it: another key (or none) gets 404, as for a session that does
-not exist or has expired; malformed ids get 400 naming the rule. Without authentication (``auth: false``),
+A session belongs to the tenant of the API key that created it (keys of one tenant, a rotated one too, share
+them): another tenant's key (or none) gets 404, as for a session that does not exist or has expired; malformed ids get 400 naming the rule. Without authentication (``auth: false``),
 sessions belong to their collection, which the ``collection`` query parameter then names.
 Queries use a session with ``session_id`` (native API) or a message history (chat completions).
 """
@@ -23,7 +23,6 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.serve.http import ApiError
 from pipeline.serve.routes.deps import get_ingress
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
@@ -38,18 +37,9 @@ class SessionBody(BaseModel):
 
 
 async def caller(ingress, authorization: Optional[str], collection: Optional[str]) -> str:
-    """The owner token of the caller: their key's hash (401 without a valid key) or, without auth, the
+    """The owner token of the caller: their key's tenant (401 without a valid key) or, without auth, the
     collection's (named by the ``collection`` query parameter)."""
-    from memorag_core.query.sessions import owner_of
-    from pipeline.serve.app import bearer, check_collection_name
-
-    if ingress.config.auth:
-        await ingress.visible_collections(authorization)  # 401 for a missing or unknown key
-        return owner_of(bearer(authorization), "")
-    if not collection:
-        raise ApiError(422, "collection: name the session's collection (query parameter) when the service "
-                            "runs without API keys", param="collection")
-    return owner_of(None, check_collection_name(collection))
+    return await ingress.caller_owner(authorization, collection)
 
 
 @router.post("/collections/{name}/sessions", status_code=201)
@@ -93,7 +83,8 @@ async def delete_session(session_id: str, collection: Optional[str] = Query(None
 @router.delete("/users/{user_id}")
 async def delete_user(user_id: str, collection: Optional[str] = Query(None),
                       authorization: Optional[str] = Header(None), ingress=Depends(get_ingress)):
-    """Delete the caller's lifelong memory of ``user_id`` (404 when there is none)."""
+    """Delete the caller's user ``user_id``: the lifelong memory and every session that carries the id (states,
+    turns, memory files); 404 when there is nothing of that user."""
     from memorag_core.query.sessions import check_user_id
 
     check_user_id(user_id)

@@ -91,7 +91,7 @@ def test_turns_grow_by_append_fold_oldest_and_survive_a_restart(tmp_path, tiny_m
     assert raw[1] > raw[0]  # each turn appended to the memory that was loaded, not re-read
     assert state.turn_count == 3 and state.folded == 1 and [t.n for t in state.turns] == [2, 3]
     assert all(t.entries > 0 for t in state.turns) and state.prefix_entries > 0
-    on_disk = json.loads((tmp_path / "store" / "sessions" / s.id / "state.json").read_text())
+    on_disk = json.loads((tmp_path / "store" / "tenants" / OWNER[:32] / "sessions" / s.id / "state.json").read_text())
     assert on_disk["turn_count"] == 3 and on_disk["owner"] == OWNER and "mrg_key_one" not in json.dumps(on_disk)
     m = store.read_memory(state)
     assert m.header["entries"] == state.prefix_entries + sum(t.entries for t in state.turns)
@@ -128,9 +128,8 @@ def test_fold_slices_entries_and_rerotates_the_rest(tmp_path, tiny_memory):
     for i, (k0, v0, k1, v1) in enumerate(zip(before.keys, before.values, after.keys, after.values)):
         assert torch.equal(k1[:, :p], k0[:, :p]) and torch.equal(v1[:, :p], v0[:, :p])  # preamble untouched
         assert torch.equal(v1[:, p:], v0[:, p + drop:])  # values carry no position
-        from memorag_core.query.sessions import _rerotate
-
-        back = _rerotate(mem, k1[:, p:], drop, i)  # re-rotating forward again gives the stored keys
+        d = torch.full((1, k1.shape[0], k1.shape[1] - p), drop, dtype=torch.long)  # (1, kv_heads, n)
+        back = mem._rerotate(k1[None, :, p:], d, layer_idx=i)[0]  # re-rotating forward again gives the stored keys
         torch.testing.assert_close(back, k0[:, p + drop:], atol=1e-4, rtol=1e-4)
     mem.import_tensors(after)  # the folded memory loads and decodes
     assert mem.generate("Say something about {question}", "apples", max_new_tokens=3)
@@ -227,3 +226,102 @@ def test_generated_lines_drop_prompt_echoes_and_labels():
     assert _lines("a\n\n--\n", echo_of=echo) == []
     assert _lines("I have read the text. What is the task?", echo_of=echo) == []  # paraphrased echo
     assert _lines("When did Elsa Brandt build it?", echo_of=echo) == ["When did Elsa Brandt build it?"]
+
+
+def _store_bytes(root) -> list[tuple[str, bytes]]:
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def test_deleting_a_user_deletes_every_session_and_memory_that_names_them(tmp_path, tiny_memory, caplog):
+    """Every object left in the store after the delete is read: neither the user id nor any of their questions
+    is there, another user's session is untouched, and no log line names the user."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    conv, store, _ = make(tmp_path, tiny_memory, user_every=1)
+    uid, questions = "alice.smith@example.org", ["Where is the Varnholm lighthouse?", "Who built the mill?"]
+    s1 = store.create("facts", OWNER, user_id=uid)
+    conv.record("facts", OWNER, s1.id, questions[0], "On the cape.", ["lighthouse"])  # user memory grows
+    s2 = store.create("facts", OWNER, user_id=uid)
+    conv.record("facts", OWNER, s2.id, questions[1], "A miller.", [])
+    chat = [{"role": "user", "content": "Tell me about the orchard?"}, {"role": "assistant", "content": "Old."},
+            {"role": "user", "content": "How old?"}]
+    sid_chat, _ = conv.sync_history("facts", OWNER, chat, uid)
+    questions.append("Tell me about the orchard?")
+    bob = store.create("facts", OWNER, user_id="bob")
+    conv.record("facts", OWNER, bob.id, "What does the cider press run on?", "Water.", [])
+    assert store.get("user", uid, OWNER).turn_count >= 2
+    root = tmp_path / "store"
+    assert any(uid.encode() in data for _, data in _store_bytes(root))
+    assert not any(uid in path for path, _ in _store_bytes(root))  # no path names a user, even before
+    out = conv.delete_user(OWNER, uid)
+    assert out["sessions"] == 3 and out["records"] >= 2
+    for path, data in _store_bytes(root):
+        assert uid.encode() not in data, path
+        assert not any(q.encode() in data for q in questions), path
+    assert store.get("session", bob.id, OWNER).user_id == "bob"  # another user of the same key is untouched
+    for sid in (s1.id, s2.id, sid_chat):
+        with pytest.raises(ArtifactNotFoundError):
+            conv.record("facts", OWNER, sid, "Still there?", "No.", [])  # nothing in flight recreates them
+    assert store.get("user", uid, OWNER) is None
+    with pytest.raises(ArtifactNotFoundError):
+        conv.delete_user(OWNER, uid)
+    assert not any(uid in r.getMessage() for r in caplog.records)
+
+
+def test_quota_of_sessions_per_owner_is_a_clear_error(tmp_path, tiny_memory):
+    from memorag_core.errors import QuotaExceededError
+
+    conv, store, _ = make(tmp_path, tiny_memory, max_sessions_per_owner=2)
+    a, _ = store.create("facts", OWNER), store.create("facts", OWNER)
+    with pytest.raises(QuotaExceededError, match="2 sessions, its quota is 2"):
+        store.create("facts", OWNER)
+    store.create("facts", OTHER)  # another owner has its own quota
+    conv.end(a.id, OWNER)
+    store.create("facts", OWNER)
+    conv, store, _ = make(tmp_path / "b", tiny_memory, max_bytes_per_owner=1000)
+    s = store.create("facts", OWNER)
+    conv.record("facts", OWNER, s.id, "A question that makes a memory file?", "Yes.", [])
+    with pytest.raises(QuotaExceededError, match="bytes"):
+        store.create("facts", OWNER)
+
+
+def test_sweep_ends_expired_sessions_and_deletes_expired_user_memories(tmp_path, tiny_memory):
+    conv, store, clock = make(tmp_path, tiny_memory, ttl_s=60, user_ttl_s=600, user_every=1)
+    s = store.create("facts", OWNER, user_id="carol")
+    conv.record("facts", OWNER, s.id, "Which bakery opens first?", "Linden Street.", ["bakery"])
+    clock.t += 61
+    assert conv.sweep(min_interval_s=0) == 1
+    assert store.get("user", "carol", OWNER) is not None
+    clock.t += 600
+    conv.sweep(min_interval_s=0)
+    assert store.get("user", "carol", OWNER, allow_expired=True) is None
+    assert not any(b"Which bakery" in data for _, data in _store_bytes(tmp_path / "store"))
+
+
+def test_a_turn_reads_its_session_memory_file_once(tmp_path, tiny_memory):
+    conv, store, clock = make(tmp_path, tiny_memory)
+    s = store.create("facts", OWNER)
+    conv.record("facts", OWNER, s.id, "Who built the lighthouse?", "Elsa Brandt.", [])
+    fresh = SessionStore(str(tmp_path / "store"), config=store.config, clock=clock)  # another replica
+    conv2 = Conversations(fresh, lambda name: tiny_memory)
+    conv2.prepare("facts", OWNER, "When?", session_id=s.id)
+    conv2.record("facts", OWNER, s.id, "When?", "In 1843.", [])
+    assert fresh.memory_reads == 1  # prepare read it; record used the same bytes (checksum-matched)
+    conv2.prepare("facts", OWNER, "And then?", session_id=s.id)
+    assert fresh.memory_reads == 1  # the file it wrote itself is not read back
+
+
+def test_chat_sessions_of_two_users_behind_one_key_do_not_collide(tmp_path, tiny_memory):
+    conv, store, _ = make(tmp_path, tiny_memory)
+    opening = [{"role": "user", "content": "Who built the lighthouse?"}]
+    a = opening + [{"role": "assistant", "content": "Elsa Brandt."}, {"role": "user", "content": "When?"}]
+    b = opening + [{"role": "assistant", "content": "Nobody knows."}, {"role": "user", "content": "Why?"}]
+    sa, _ = conv.sync_history("facts", OWNER, a, "ann")
+    sb, _ = conv.sync_history("facts", OWNER, b, "ben")
+    assert sa != sb
+    assert chat_session_id(OWNER, "facts", "q", "ann") != chat_session_id(OWNER, "facts", "q", "ben")
+    sa2, _ = conv.sync_history("facts", OWNER, a + [{"role": "assistant", "content": "1843."},
+                                                    {"role": "user", "content": "Why?"}], "ann")
+    assert sa2 == sa and store.get("session", sa, OWNER).turn_count == 2  # ann's turns were not wiped by ben
+    assert [t.answer for t in store.get("session", sb, OWNER).turns] == ["Nobody knows."]

@@ -41,7 +41,8 @@ def served(ray_local, embedded_collection, tmp_path_factory):
         "store": str(store), "auth": True, "host": "127.0.0.1", "refresh_s": 1.0,
         "limits": {"max_new_tokens": 64, "max_units": 4, "max_top_k": 10, "max_body_bytes": 16384,
                    "max_in_flight": 4, "retry_after_s": 2},
-        "ingress": {"deployment": {**SMALL, "max_ongoing_requests": 16}, "key_cache_s": 0.0},
+        "ingress": {"deployment": {**SMALL, "max_ongoing_requests": 16}, "key_cache_s": 0.0,
+                    "key_index_refresh_s": 0.0},
         "memory": {"device": "cpu", "deployment": {**SMALL, "max_ongoing_requests": 8}},
         "retriever": {"device": "cpu", "deployment": SMALL},
         "generator": {"spec": "hf:", "device": "cpu", "deployment": SMALL},
@@ -108,6 +109,36 @@ def test_chat_history_is_a_session_and_is_bounded(served):
     too_long = msgs * 3
     r = call(served, "POST", "/v1/chat/completions", {"model": "facts", "messages": too_long, "max_tokens": 4})
     assert r.status_code == 413 and "messages" in r.json()["error"]["message"]
+
+
+def test_rotated_key_reaches_the_tenants_memories_and_a_user_delete_leaves_nothing(served):
+    """Sessions belong to the key's tenant: after the key is revoked and a new one created for the same tenant,
+    the session is still there. DELETE /v1/users/{id} then removes the user memory and every session naming
+    the user: no object of the store holds the user id or their questions afterwards."""
+    keys = ApiKeyStore(served["store"])
+    old, old_key = keys.create("facts", tenant="acme")
+    uid, q1, q2 = "dana.ray@example.org", "Who keeps the Pellam orchard?", "What does the cider press run on?"
+    sid = call(served, "POST", "/v1/collections/facts/sessions", {"user_id": uid}, key=old_key).json()["id"]
+    for q in (q1, q2):
+        r = call(served, "POST", "/v1/collections/facts/query", {"query": q, "session_id": sid, **FAST}, key=old_key)
+        assert r.status_code == 200, r.text
+    chat = [{"role": "user", "content": q1}, {"role": "assistant", "content": "A family."},
+            {"role": "user", "content": q2}]
+    r = call(served, "POST", "/v1/chat/completions", {"model": "facts", "messages": chat, "max_tokens": 2,
+                                                       "task": "qa", "top_k": 1, "user": uid}, key=old_key)
+    assert r.status_code == 200, r.text
+    keys.revoke("facts", old.key_id)
+    _, new_key = keys.create("facts", tenant="acme")
+    assert call(served, "GET", f"/v1/sessions/{sid}", key=old_key).status_code == 401
+    assert call(served, "GET", f"/v1/sessions/{sid}", key=new_key).json()["user_id"] == uid
+    assert call(served, "GET", f"/v1/sessions/{sid}", key=served["key"]).status_code == 404  # another tenant
+    d = call(served, "DELETE", f"/v1/users/{uid}", key=new_key)
+    assert d.status_code == 200 and d.json()["sessions"] == 2, d.text
+    assert call(served, "GET", f"/v1/sessions/{sid}", key=new_key).status_code == 404
+    for path in Path(served["store"]).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert uid.encode() not in data and q1.encode() not in data and q2.encode() not in data, path
 
 
 def test_web_page_is_served_from_the_package(served):

@@ -48,7 +48,8 @@ def app_config(store: str, storage_options=None, **over):
         "store": store, "storage_options": storage_options, "auth": True, "host": "127.0.0.1", "refresh_s": 1.0,
         "limits": {"max_query_chars": 500, "max_new_tokens": 64, "max_units": 4, "max_top_k": 10,
                    "max_body_bytes": 4096, "max_in_flight": 2, "retry_after_s": 2},
-        "ingress": {"deployment": {**small, "max_ongoing_requests": 16}, "key_cache_s": 0.0},
+        "ingress": {"deployment": {**small, "max_ongoing_requests": 16}, "key_cache_s": 0.0,
+                    "key_index_refresh_s": 0.0},
         "memory": {"device": "cpu", "deployment": {**small, "max_ongoing_requests": 8}},
         "retriever": {"device": "cpu", "deployment": small},
         "generator": {"spec": "hf:", "device": "cpu", "deployment": small},
@@ -239,6 +240,7 @@ def test_bad_input_gets_a_4xx_json_error_naming_the_field(served, body, status, 
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == status and err["message"] and "Traceback" not in r.text
+    assert served.store not in r.text and "/tmp" not in r.text  # no store path in any error body
     if param:
         assert err["param"] == param, err
 
@@ -336,8 +338,41 @@ def test_new_version_is_picked_up_in_flight_query_keeps_its_version_and_gc_keeps
     assert v1 in report.kept_versions and v1 not in report.removed_versions
 
 
-def test_serves_a_collection_that_the_memorize_job_published_to_moto_s3(served, moto_s3, tmp_path):
-    """Redeploys the application over an S3 store (moto on loopback); keys live in the same bucket."""
+def test_a_body_without_json_content_type_is_read_as_json(served):
+    """The README's curl example: ``curl -d '{...}'`` sends application/x-www-form-urlencoded."""
+    body = json.dumps({"query": QUESTION, "task": "qa", "top_k": 1, "max_new_tokens": 2})
+    for ctype in (None, "application/x-www-form-urlencoded", "text/plain"):
+        headers = {**served.h(), **({"content-type": ctype} if ctype else {})}
+        r = httpx.post(served.url + "/v1/collections/facts/query", content=body, headers=headers, timeout=180)
+        assert r.status_code == 200 and r.json()["task"] == "qa", (ctype, r.text)
+
+
+@pytest.mark.parametrize("extra,status,param", [
+    ({"top_k": True}, 422, "top_k"),
+    ({"max_tokens": "5"}, 422, "max_tokens"),
+    ({"stream": 1}, 422, "stream"),
+    ({"user": 7}, 422, "user"),
+    ({"top_k": 10**6}, 400, "top_k"),
+    ({"user": "../etc"}, 400, None),
+])
+def test_chat_route_is_as_strict_as_the_native_one_and_writes_nothing_first(served, extra, status, param):
+    from pathlib import Path
+
+    msgs = [{"role": "user", "content": "Who built it?"}, {"role": "assistant", "content": "Elsa."},
+            {"role": "user", "content": "When?"}]
+    r = post(served, {"model": "facts", "messages": msgs, "max_tokens": 2, **extra}, path="/v1/chat/completions")
+    assert r.status_code == status, r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+    tenants = Path(served.store) / "tenants"
+    assert not list(tenants.glob("*/sessions/*")), "a history was recorded for a request that was refused"
+
+
+def test_serves_a_collection_that_the_memorize_job_published_to_moto_s3(served, moto_s3_server, tmp_path):
+    """Redeploys the application over an S3 store (moto on loopback); keys live in the same bucket. Then the S3
+    server is stopped mid-run: the loaded live version keeps answering (naming its version), /readyz says
+    degraded, error bodies name no bucket; started again, the service is ready again."""
+    moto_s3 = moto_s3_server
     from ray import serve
 
     from jobs.memorize import run_memorize_job
@@ -356,3 +391,18 @@ def test_serves_a_collection_that_the_memorize_job_published_to_moto_s3(served, 
     assert r.status_code == 200, r.text
     assert r.json()["version"] == version and "railway" in [e["doc_id"] for e in r.json()["evidence"]]
     assert post(served, {"query": "q", "task": "qa", "max_new_tokens": 2}, key=served.key).status_code == 401  # keys of another store
+    moto_s3.stop()
+    try:
+        r = post(served, {"query": "When did the Marrow Valley railway close to freight?", **FAST}, key=key)
+        assert r.status_code == 200 and r.json()["version"] == version, r.text
+        ready = httpx.get(served.url + "/readyz", timeout=120).json()
+        assert ready["status"] == "degraded" and ready["checks"]["store"].startswith("unavailable")
+        assert ready["serving"] == {"facts": version}
+        bad = post(served, {"query": "q", "task": "qa", "max_new_tokens": 2, "session_id": "abcdefgh12"}, key=key)
+        assert bad.status_code in (404, 503) and bucket not in bad.text and "s3://" not in bad.text, bad.text
+    finally:
+        moto_s3.restart()
+    deadline = time.time() + 60
+    while httpx.get(served.url + "/readyz", timeout=120).json()["status"] != "ready" and time.time() < deadline:
+        time.sleep(1)
+    assert httpx.get(served.url + "/readyz", timeout=120).json()["status"] == "ready"
