@@ -137,10 +137,19 @@ def random_memory(model, tok, entries: int, window: int, **config):
 def copies(model, tok, args) -> list[dict]:
     """Peak extra allocation of a window read and a decode prompt pass after a memory (see the module docstring)."""
     from memorag_core.memory import attention
-    from memorag_core.memory.kv_decode import decode_after_cache
 
+    fused = attention.masked_gqa_is_fused
     if args.cuda_path:
         attention.masked_gqa_is_fused = lambda device: False
+    try:
+        return _copies(model, tok, args)
+    finally:
+        attention.masked_gqa_is_fused = fused
+
+
+def _copies(model, tok, args) -> list[dict]:
+    from memorag_core.memory.kv_decode import decode_after_cache
+
     cfg = model.config.get_text_config()
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     vocab, m, w = cfg.vocab_size, args.copies_entries, args.window

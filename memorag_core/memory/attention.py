@@ -1,6 +1,8 @@
 """``memorag_sdpa``: transformers' SDPA plus two things our KV memories need, selected by thread-local blocks.
 
 * :func:`memorag_core.memory.scoring.capture_scores` records the attention mass of the last queries (compression).
+* A window read after a memory has a mask; transformers' SDPA would then repeat the memory's K/V per query head
+  (``repeat_kv``). :func:`grouped_attention` attends without that copy.
 * :func:`shared_prefix` decodes a batch of prompts after one batch-1 memory without copying it. The memory's
   K/V stay (1, kv_heads, M, d); the cache passed to the model (:func:`tail_cache`) holds only the prompt and
   generated entries, (batch, kv_heads, n, d), written in place into a preallocated buffer. The attention reads
@@ -252,7 +254,8 @@ def masked_gqa_is_fused(device: torch.device) -> bool:
     CPU: yes (the flash kernel takes both; measured: 146 ms vs a 538 ms hand-written score matrix for a
     3 x 104-token prompt after 6,737 entries). CUDA: no; flash rejects masks and memory-efficient attention
     rejects unequal head counts, so SDPA falls back to the math kernel and materializes the score matrix
-    (pytorch/pytorch#139586, huggingface/transformers#45636); repeating K/V per head keeps a fused kernel.
+    (pytorch/pytorch#139586, huggingface/transformers#45636); one call per position in the group, with equal
+    head counts, keeps a fused kernel without repeating K/V (:func:`grouped_attention`).
     """
     return device.type == "cpu"
 

@@ -48,8 +48,8 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
     The loop keeps everything on the model's device: generated tokens go into a preallocated (b, max_new_tokens)
     tensor, the finished flags stay a device tensor, the attention mask is preallocated at its final width and
     passed as a growing view (4-D, so transformers builds nothing per step), and the repetition penalty is a
-    (b, vocab) mask. The host reads the device only to stop early (every ``stop_check_every`` steps: 1 on CPU, where reading is free, 8 on accelerators) and once at
-    the end.
+    (b, vocab) mask. The host reads the device only to stop early (every ``stop_check_every`` steps: 1 on CPU,
+    where reading is free, 8 on accelerators) and once at the end.
 
     Args:
         model: a Hugging Face causal LM whose attention implementation is ``memorag_sdpa``
