@@ -158,7 +158,8 @@ def _prefix_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
     return o.reshape(b, 1, heads, dv)  # (b, q=1, heads, dv)
 
 
-_CHUNK_ELEMENTS = 1 << 24  # float32 scores per chunk of memory entries in a prompt pass (64 MB)
+_CHUNK_ELEMENTS = 1 << 24  # float32 scores per chunk of memory entries in a prompt pass (64 MB): few launches
+_CPU_CHUNK_ELEMENTS = 1 << 18  # on the CPU a 1 MB block stays in cache (measured: as fast as the fused kernel)
 _MIN_CHUNK = 256
 
 
@@ -170,14 +171,14 @@ def _online_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     ``state``: (max (B, kv_heads, R), sum (B, kv_heads, R), out (B, kv_heads, R, dv)), all float32, or None.
     ``bias``: additive float32 mask broadcastable to the scores (B, kv_heads, R, c), -inf where a key is hidden.
     """
-    s = torch.matmul(q, k.transpose(-1, -2).float()) * scale  # (B, kv_heads, R, c) float32
+    s = torch.matmul(q, k.transpose(-1, -2).float()).mul_(scale)  # (B, kv_heads, R, c) float32
     if bias is not None:
-        s = s + bias
+        s.add_(bias)
     top = s.amax(dim=-1)  # (B, kv_heads, R)
     if state is not None:
         top = torch.maximum(top, state[0])
     safe = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # a row that sees nothing yet stays at 0
-    p = (s - safe[..., None]).exp()  # (B, kv_heads, R, c)
+    p = s.sub_(safe[..., None]).exp_()  # (B, kv_heads, R, c), in place: one score block alive
     out = torch.matmul(p, v.float())  # (B, kv_heads, R, dv)
     total = p.sum(dim=-1)  # (B, kv_heads, R)
     if state is not None:
@@ -207,7 +208,8 @@ def _prompt_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     state = None
     if m:
         q_all = q.transpose(0, 1).reshape(1, kv_heads, rows, d)  # (1, kv_heads, b*g*q, d)
-        chunk = max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(1, kv_heads * rows))
+        elements = min(_CHUNK_ELEMENTS, _CPU_CHUNK_ELEMENTS) if query.device.type == "cpu" else _CHUNK_ELEMENTS
+        chunk = max(_MIN_CHUNK, elements // max(1, kv_heads * rows))
         for c0 in range(0, m, chunk):
             state = _online_softmax(q_all, mem_k[:, :, c0:c0 + chunk], mem_v[:, :, c0:c0 + chunk], scale, state)
         state = tuple(t.view(kv_heads, b, group * q_len, *t.shape[3:]).transpose(0, 1) for t in state)
