@@ -211,7 +211,9 @@ class CompressedKVMemory(Memory):
 
         The texts' windows are stacked as the rows of one batch (right-padded to the longest window; memories
         of unequal length padded and masked), so a GPU reads ``len(texts)`` windows per forward instead of one.
-        Each row gets exactly what :meth:`memorize` would give it alone (equal up to float rounding, tested).
+        Each row gets what :meth:`memorize` would give it alone up to float rounding (tested on tiny models), not
+        byte for byte: a near-tie in the scores can then keep another token (SmolLM2: 33 of 16,470 entries of one
+        text; docs/memory.md), so unit files from the two routes differ.
         A row whose text is read leaves the batch (one copy of the remaining rows). Texts are processed longest
         first; the result is in the given order. Afterwards this memory holds the last text.
 
