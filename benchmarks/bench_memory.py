@@ -11,6 +11,16 @@ vocab 32000), prefill tokens/s and its fraction of the GPU's bf16 roofline (2 x 
 
     python benchmarks/bench_memory.py --gpu-mistral --tokens 32000 --ratios 1 4 8 --peak-tflops 989
 
+No copies of the memory (``--copies``): a memory of ``--copies-entries`` random entries per layer, then a window
+read (default scoring and every query scoring, ``obs_sample=0``) and a decode prompt pass of ``--copies-rows``
+prompts; prints each one's peak allocation beyond what existed before, beside one layer's memory (K + V) and
+what a copy per KV group (transformers' ``repeat_kv``) or per row would add. CUDA: ``torch.cuda.max_memory_allocated``;
+CPU: torch.profiler's allocation events (``profile_memory=True``)::
+
+    python benchmarks/bench_memory.py --copies --gpu-mistral --mistral-layers 4 --copies-entries 250000 --window 2048
+    python benchmarks/bench_memory.py --copies --gpu-mistral --device cpu --mistral-layers 1 \
+        --copies-entries 8192 --window 256 --cuda-path   # the CUDA code path on the CPU (a check)
+
 Prints a Markdown table; ``--json FILE`` also writes the figures.
 """
 
@@ -78,6 +88,89 @@ def mistral_shaped(device: str, layers: int = 32):
     return model, tok
 
 
+def peak_extra_bytes(fn, device: torch.device) -> int:
+    """Peak bytes allocated on ``device`` while ``fn()`` runs, beyond what was allocated before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # + allocated, - freed
+        stack.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def random_memory(model, tok, entries: int, window: int, **config):
+    """A compressed memory holding ``entries`` random entries per layer (capacity for two more windows)."""
+    from memorag_core.prompts import EN
+
+    mem = build_memory(MemoryConfig(ratio=4, window=window, **config), model, tok)
+    cfg = model.config.get_text_config()
+    kv, d = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    mem._reset_state()
+    mem.prompts = EN
+    like = torch.empty(1, kv, 0, d, dtype=model.dtype, device=model.device)
+    for layer in mem.cache.layers:
+        layer.reserve(entries + 2 * window, like, like)
+        layer.k_buf[:, :, :entries].normal_()
+        layer.v_buf[:, :, :entries].normal_()
+        layer.set_length(entries)
+    mem.entries = mem.next_position = entries
+    return mem
+
+
+def copies(model, tok, args) -> list[dict]:
+    """Peak extra allocation of a window read and a decode prompt pass after a memory (see the module docstring)."""
+    from memorag_core.memory import attention
+
+    fused = attention.masked_gqa_is_fused
+    if args.cuda_path:
+        attention.masked_gqa_is_fused = lambda device: False
+    try:
+        return _copies(model, tok, args)
+    finally:
+        attention.masked_gqa_is_fused = fused
+
+
+def _copies(model, tok, args) -> list[dict]:
+    from memorag_core.memory.kv_decode import decode_after_cache
+
+    cfg = model.config.get_text_config()
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    vocab, m, w = cfg.vocab_size, args.copies_entries, args.window
+    rows = []
+    for name, config in [("window read, default scoring", {}), ("window read, obs_sample=0", {"obs_sample": 0})]:
+        mem = random_memory(model, tok, m, w, **config)
+        layer_bytes = 2 * mem.cache.layers[0].keys.numel() * mem.cache.layers[0].keys.element_size()
+        ids = torch.randint(100, vocab, (w,)).tolist()
+        peak = peak_extra_bytes(lambda: mem._ingest(ids, is_prefix=False), model.device)
+        rows.append({"case": name, "peak_extra_MB": peak / 1e6, "layer_memory_MB": layer_bytes / 1e6,
+                     "repeat_kv_MB": group * layer_bytes / 1e6})
+        del mem
+    mem = random_memory(model, tok, m, w)
+    prompts = [torch.randint(100, vocab, (64 - 3 * i,)).tolist() for i in range(args.copies_rows)]
+    peak = peak_extra_bytes(lambda: decode_after_cache(model, mem.cache, mem.next_position, prompts,
+                                                       max_new_tokens=1, eos_ids=set(), pad_id=0), model.device)
+    rows.append({"case": f"decode prompt pass, {len(prompts)} rows", "peak_extra_MB": peak / 1e6,
+                 "layer_memory_MB": layer_bytes / 1e6, "repeat_kv_MB": group * len(prompts) * layer_bytes / 1e6})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8000, help="tokens of the book to memorize")
@@ -92,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="device of the Mistral-shaped model (cpu only to check the path)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--queries", type=int, default=3, help="queries timed per stage (CPU mode)")
+    p.add_argument("--copies", action="store_true", help="peak extra allocation after a memory (no copies)")
+    p.add_argument("--copies-entries", type=int, default=250_000, help="memory entries per layer for --copies")
+    p.add_argument("--copies-rows", type=int, default=8, help="prompts in the decode prompt pass for --copies")
+    p.add_argument("--cuda-path", action="store_true", help="take the CUDA attention path on the CPU (a check)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -107,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         text = book_tokens(tok, args.tokens, args.book)
         ids = tok(text, add_special_tokens=False)["input_ids"]
     params = sum(p.numel() for p in model.parameters())
+    if args.copies:
+        rows = copies(model, tok, args)
+        device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        print(f"\n{device}, {model.config.num_hidden_layers}-layer Mistral-shaped {model.dtype}, "
+              f"{args.copies_entries} memory entries, window {args.window}\n")
+        print("| case | peak extra MB | one layer's memory MB | a copy per KV group (and row) MB |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['case']} | {r['peak_extra_MB']:.1f} | {r['layer_memory_MB']:.1f} | {r['repeat_kv_MB']:.1f} |")
+        if args.json:
+            args.json.write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+        return 0
     # warm up: the first forward in a process is several times slower
     plain_prefill(model, ids[: min(len(ids), 256)], args.window)
     base_s = plain_prefill(model, ids, args.window)

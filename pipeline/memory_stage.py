@@ -17,7 +17,11 @@ Gist (the router's per-unit text), chosen by ``RouterConfig.gist``: ``"summary"`
 
 Memory files are content-addressed, so their bytes must be a function of (model, config, text) only: the wall
 time that ``Memory.header()`` records in ``stats.seconds`` is zeroed before writing (the time is reported by the
-job's stats instead). Memorizing itself is deterministic on a given machine and thread count.
+job's stats instead). Memorizing itself is deterministic on a given machine and thread count, but batched reads
+(``units_per_forward`` > 1) and one unit at a time give allclose, not byte-identical, memories (padded rows change
+the order of float sums; docs/memory.md), so one unit id can have two byte strings: the sidecar records the file's
+tag (S3 ETag, local inode and mtime), and resume trusts it only while the file still has that tag, otherwise it
+reads the file and records its own sha256.
 """
 
 from __future__ import annotations

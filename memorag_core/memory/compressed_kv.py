@@ -38,12 +38,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """The RoPE helper (half-split layout): (..., d) -> (..., d) with halves swapped and the first negated."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the ``keep`` best scores per row (..., w) -> (..., keep), in increasing order.
 
@@ -211,7 +205,9 @@ class CompressedKVMemory(Memory):
 
         The texts' windows are stacked as the rows of one batch (right-padded to the longest window; memories
         of unequal length padded and masked), so a GPU reads ``len(texts)`` windows per forward instead of one.
-        Each row gets exactly what :meth:`memorize` would give it alone (equal up to float rounding, tested).
+        Each row gets what :meth:`memorize` would give it alone up to float rounding (tested on tiny models), not
+        byte for byte: a near-tie in the scores can then keep another token (SmolLM2: 33 of 16,470 entries of one
+        text; docs/memory.md), so unit files from the two routes differ.
         A row whose text is read leaves the batch (one copy of the remaining rows). Texts are processed longest
         first; the result is in the given order. Afterwards this memory holds the last text.
 
@@ -360,14 +356,17 @@ class CompressedKVMemory(Memory):
                 "forget the start of the memory; raise the ratio, split the text into smaller units, or use a model "
                 "without sliding-window layers")
 
-    def _check_range(self, end_position: int) -> None:
-        rotation = self.support.rotation
-        if rotation is not None and rotation.fixed_until and end_position > rotation.fixed_until:
+    def _check_range(self, end_position: int, what: str = "reading the text") -> None:
+        """Refuse a forward whose positions reach ``end_position`` (a sequence length: last position + 1) past a
+        length-dependent RoPE scaling's limit; warn once past the trained range."""
+        limit = self.support.position_limit
+        if limit and end_position > limit:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__}: positions would reach {end_position}, past "
-                f"original_max_position_embeddings={rotation.fixed_until} where its length-dependent RoPE scaling "
-                "(dynamic/longrope) switches frequencies, so re-rotated keys would no longer match; raise the ratio "
-                "or split the text into smaller units")
+                f"{type(self.model).__name__}: {what} would reach position {end_position}, past "
+                f"original_max_position_embeddings={limit}, where its length-dependent RoPE scaling (dynamic/"
+                "longrope) switches frequencies: the memory's keys and the new queries would be rotated with "
+                f"different frequencies (positions={self.config.positions!r}); raise the ratio, use "
+                "positions='compact', split the text into smaller units, or ask for fewer new tokens")
         if self._max_positions and end_position > self._max_positions and not self._warned_range:
             self._warned_range = True
             logger.warning(
@@ -381,7 +380,10 @@ class CompressedKVMemory(Memory):
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         eos |= set(gen_eos) if isinstance(gen_eos, list) else ({gen_eos} if gen_eos is not None else set())
-        self._check_sliding(self.entries + max(len(p) for p in prompts) + max_new_tokens)
+        width = max(len(p) for p in prompts)
+        self._check_sliding(self.entries + width + max_new_tokens)
+        # the last token fed to the model is generated token max_new_tokens - 1, at next_position + width + that
+        self._check_range(self.next_position + width + max(max_new_tokens - 1, 0), "decoding the question")
         return decode_after_cache(self.model, self.cache, self.next_position, prompts,
                                   max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tok.pad_token_id, **sampling)
 

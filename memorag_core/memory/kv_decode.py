@@ -47,9 +47,9 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
 
     The loop keeps everything on the model's device: generated tokens go into a preallocated (b, max_new_tokens)
     tensor, the finished flags stay a device tensor, the attention mask is preallocated at its final width and
-    passed as a growing view, and the repetition penalty is a (b, vocab) mask. The host reads the device only to
-    stop early (every ``stop_check_every`` steps: 1 on CPU, where reading is free, 8 on accelerators) and once at
-    the end.
+    passed as a growing view (4-D, so transformers builds nothing per step), and the repetition penalty is a
+    (b, vocab) mask. The host reads the device only to stop early (every ``stop_check_every`` steps: 1 on CPU,
+    where reading is free, 8 on accelerators) and once at the end.
 
     Args:
         model: a Hugging Face causal LM whose attention implementation is ``memorag_sdpa``
@@ -81,6 +81,10 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
     positions = next_position + (qmask.cumsum(dim=1) - 1).clamp(min=0)  # (b, L)
     attn = torch.ones((batch, mem_len + width + max_new_tokens), dtype=torch.long, device=device)  # (b, M+L+N)
     attn[:, mem_len:mem_len + width] = qmask
+    # decode steps get the 4-D mask itself (b, 1, 1, M+L+N), True = attend, passed as a growing view: transformers
+    # uses a 4-D mask as given, where from a 2-D one it would check per step whether any entry is padded (a read
+    # of the device, i.e. a host sync per token on a GPU)
+    step_mask = attn.bool()[:, None, None, :]  # (b, 1, 1, M+L+N)
     work = attention.tail_cache(cache, capacity=width + max_new_tokens,
                                 num_layers=model.config.get_text_config().num_hidden_layers)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -111,7 +115,7 @@ def decode_after_cache(model: Any, cache: Any, next_position: int, prompts: list
                 seen.scatter_(1, nxt[:, None], True)
             if steps == max_new_tokens or (steps % every == 0 and bool(done.all())):
                 break
-            logits = model(input_ids=nxt[:, None], attention_mask=attn[:, :mem_len + width + steps],
+            logits = model(input_ids=nxt[:, None], attention_mask=step_mask[..., :mem_len + width + steps],
                            position_ids=cur[:, None], past_key_values=work, use_cache=True).logits[:, -1].float()
             cur = cur + 1
     rows = out[:, :steps].tolist()  # the one read of the generated tokens

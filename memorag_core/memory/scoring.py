@@ -21,6 +21,9 @@ from memorag_core.memory.attention import ATTN_IMPLEMENTATION, register  # noqa:
 
 _state = threading.local()
 
+_CHUNK_ELEMENTS = 1 << 24  # float32 logits per chunk of keys (64 MB), whatever the memory's or window's length
+_MIN_CHUNK = 256  # keys per chunk at least (few queries: fewer, larger matmuls)
+
 
 def _active() -> dict | None:
     return getattr(_state, "capture", None)
@@ -35,8 +38,9 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
     each KV head. Keys before ``start`` (the memory, when a window is scored) enter only the softmax normalizer.
 
     No copy of the keys: the queries are grouped per KV head, (b, kv_heads, group * obs, d), and multiplied with
-    the keys as stored; keys before ``start`` are read in chunks (a bounded float32 temporary even for bf16 keys
-    and memories of millions of entries), keeping a running log-sum-exp.
+    the keys as stored, in chunks of keys (a bounded float32 temporary even for bf16 keys, memories of millions
+    of entries, and every query of a long window scoring it: ``obs_sample=0``), keeping a running log-sum-exp;
+    the scored keys' probabilities are then summed chunk by chunk.
 
     Batched rows (``rows`` given to the capture): row i has ``rows[i]`` real queries, right-padded, and
     ``mem_lens[i]`` valid memory entries before the window (the rest up to the window is padding, masked).
@@ -87,18 +91,28 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
             lg = lg.masked_fill(cols[None, None, None, :] > future_base, float("-inf"))
         return lg
 
-    lse = None
-    chunk = max(256, (1 << 24) // max(1, b * heads * obs))
-    for c0 in range(0, start, chunk):
-        part = logits(c0, min(start, c0 + chunk)).logsumexp(dim=-1)  # (b, kv_heads, g*obs)
+    # Keys are read in chunks of ``chunk`` (a bounded float32 temporary (b, kv_heads, g*obs, chunk)): a running
+    # log-sum-exp over every key first, then the probabilities of the scored keys (the window's) chunk by chunk.
+    # When the window's keys fit in one chunk their logits are computed once and kept between the two passes.
+    chunk = max(_MIN_CHUNK, _CHUNK_ELEMENTS // max(1, b * heads * obs))
+    lse, kept = None, None
+    bounds = [(c0, min(start, c0 + chunk)) for c0 in range(0, start, chunk)]
+    bounds += [(c0, min(k_len, c0 + chunk)) for c0 in range(start, k_len, chunk)]
+    for c0, c1 in bounds:
+        lg = logits(c0, c1)  # (b, kv_heads, g*obs, c1 - c0)
+        if c0 == start and c1 == k_len:
+            kept = lg
+        part = lg.logsumexp(dim=-1)  # (b, kv_heads, g*obs)
         lse = part if lse is None else torch.logaddexp(lse, part)
-    lg = logits(start, k_len)  # (b, kv_heads, g*obs, k_len - start)
-    part = lg.logsumexp(dim=-1)
-    lse = part if lse is None else torch.logaddexp(lse, part)
-    probs = (lg - lse[..., None]).exp().view(b, kv_heads, group, obs, k_len - start)
-    if weight is not None:
-        probs = probs * weight[:, None, None, :, None]
-    capture["scores"][module.layer_idx] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, k_len - start)
+    out = torch.empty((b, kv_heads, k_len - start), dtype=torch.float32, device=device)
+    for c0 in range(start, k_len, chunk):
+        c1 = min(k_len, c0 + chunk)
+        lg = kept if kept is not None else logits(c0, c1)
+        probs = (lg - lse[..., None]).exp().view(b, kv_heads, group, obs, c1 - c0)
+        if weight is not None:
+            probs = probs * weight[:, None, None, :, None]
+        out[..., c0 - start:c1 - start] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, c1 - c0)
+    capture["scores"][module.layer_idx] = out  # (b, kv_heads, k_len - start)
 
 
 @contextlib.contextmanager

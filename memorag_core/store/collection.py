@@ -176,24 +176,38 @@ class CollectionStore:
         self.write_unit_sidecar(unit_id, info.sha256, info.nbytes, info.storage_dtype, m.header)
         return info
 
+    def _file_tag(self, path: str) -> tuple[int, str | None]:
+        """(size, tag) of a file from one stat: the tag changes whenever the file is replaced, even by bytes of the
+        same size (S3: the ETag, an MD5 of the content; local: inode and mtime in ns of the renamed file)."""
+        info = sfs.with_retries(lambda: self.fs.info(path, refresh=True), what=f"stat {self._u(path)}")
+        tag = info.get("ETag") or info.get("etag")
+        if tag is None and info.get("ino") is not None and info.get("mtime") is not None:
+            tag = f"ino {info['ino']} mtime {info['mtime']!r}"
+        return int(info["size"]), (str(tag).strip('"') if tag is not None else None)
+
     def write_unit_sidecar(self, unit_id: str, sha256: str, nbytes: int, storage_dtype: str, header: dict) -> None:
-        """Write ``units/<unit_id>/memory.json`` (atomically): the memory's header, sha256, size and storage dtype.
+        """Write ``units/<unit_id>/memory.json`` (atomically): the memory's header, sha256, size, storage dtype and
+        the memory file's tag (:meth:`_file_tag`, one stat).
 
         Written after the memory file, so a sidecar names a memory that exists; a memory without one (an older
         store, or a kill between the two writes) is read whole by :meth:`unit_memory_info`'s callers instead.
-        Its bytes are a function of the memory's (sorted keys, no time stamp), like the memory file's.
+        The tag ties the sidecar to the bytes it describes: a unit id names (model, config, text), but batched
+        and one-at-a-time memorizing give allclose, not byte-identical, files (docs/memory.md), so another
+        writer of the same unit can replace the file with bytes of the same size and another sha256.
         """
+        _, tag = self._file_tag(self._p("units", _check_unit(unit_id), "memory.safetensors"))
         body = {"format": UNIT_SIDECAR_FORMAT, "schema_version": SCHEMA_VERSION, "sha256": sha256,
-                "nbytes": int(nbytes), "storage_dtype": storage_dtype, "header": header}
+                "nbytes": int(nbytes), "storage_dtype": storage_dtype, "header": header, "file_tag": tag}
         sfs.write_atomic(self.fs, self._p("units", _check_unit(unit_id), "memory.json"),
                          json.dumps(body, sort_keys=True, allow_nan=False).encode())
 
     def unit_memory_info(self, unit_id: str) -> dict | None:
         """A finished unit's sidecar ``{sha256, nbytes, storage_dtype, header}``, or None when it has none.
 
-        Costs one small read and one stat (the memory file's size must equal the sidecar's ``nbytes``), never a
-        download of the memory. A sidecar that is unreadable, of another format, or whose size disagrees with the
-        memory file is ignored (logged) and None is returned: the caller then reads the memory file itself.
+        Costs one small read and one stat (the memory file's size and tag must equal the sidecar's), never a
+        download of the memory. A sidecar that is unreadable, of another format, written before tags, or whose
+        size or tag disagrees with the memory file (replaced by another writer since) is ignored (logged) and None
+        is returned: the caller then reads the memory file itself, computes its sha256 and rewrites the sidecar.
         """
         side = self._p("units", _check_unit(unit_id), "memory.json")
         mem = self._p("units", unit_id, "memory.safetensors")
@@ -205,13 +219,18 @@ class CollectionStore:
             data = parse_versioned_json(raw, self._u(side), UNIT_SIDECAR_FORMAT, "a memory sidecar")
             info = {"sha256": str(data["sha256"]), "nbytes": int(data["nbytes"]),
                     "storage_dtype": str(data.get("storage_dtype", "keep")), "header": dict(data["header"])}
-            size = int(sfs.with_retries(lambda: self.fs.info(mem)["size"], what=f"stat {self._u(mem)}"))
+            recorded_tag = data.get("file_tag")
+            size, tag = self._file_tag(mem)
         except (CorruptArtifactError, KeyError, TypeError, ValueError, ArtifactNotFoundError) as exc:
             logger.warning("ignoring sidecar %s: %s", self._u(side), exc)
             return None
         if size != info["nbytes"]:
             logger.warning("ignoring sidecar %s: it records %d bytes, the memory file has %d", self._u(side),
                            info["nbytes"], size)
+            return None
+        if recorded_tag is None or recorded_tag != tag:
+            logger.warning("ignoring sidecar %s: it was written for file %s, the memory file is now %s (replaced "
+                           "since); its sha256 is recomputed", self._u(side), recorded_tag, tag)
             return None
         return info
 

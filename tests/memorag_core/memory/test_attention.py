@@ -32,7 +32,7 @@ def _layer(mem_k, mem_v):
 
 
 @pytest.mark.parametrize("q_len", [1, 5])  # a decode step, a prompt
-@pytest.mark.parametrize("fused_gqa", [True, False])  # False: the CUDA branch (K/V repeated per head)
+@pytest.mark.parametrize("fused_gqa", [True, False])  # False: the CUDA branch (same path since the online softmax)
 def test_prefix_attention_equals_attention_over_the_concatenation(q_len, fused_gqa, monkeypatch):
     monkeypatch.setattr(attention, "masked_gqa_is_fused", lambda device: fused_gqa)
     g = torch.Generator().manual_seed(0)
@@ -60,6 +60,23 @@ def test_prefix_attention_equals_attention_over_the_concatenation(q_len, fused_g
     got_c = attention._prefix_attention(None, query, key, value, None, 0.3, _layer(mem_k, mem_v))
     torch.testing.assert_close(got_c, _reference(query, mem_k, mem_v, key, value, causal, 0.3),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused_gqa", [True, False])  # False: the CUDA branch (one SDPA call per group position)
+def test_grouped_attention_equals_attention_with_kv_repeated(fused_gqa, monkeypatch):
+    monkeypatch.setattr(attention, "masked_gqa_is_fused", lambda device: fused_gqa)
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, q_len, k_len, d = 2, 8, 2, 5, 13, 8
+    query = torch.randn(b, heads, q_len, d, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # as models
+    key, value = torch.randn(b, kv_heads, k_len, d, generator=g), torch.randn(b, kv_heads, k_len, d, generator=g)
+    allowed = torch.ones(b, 1, q_len, k_len, dtype=torch.bool)
+    allowed[1, :, :, :3] = False  # a padded memory row
+    for i in range(q_len):
+        allowed[:, :, i, k_len - q_len + i + 1:] = False
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(4, dim=1), value.repeat_interleave(4, dim=1), attn_mask=allowed, scale=0.3)
+    got = attention.grouped_attention(query, key, value, allowed, 0.3)  # (b, q, heads, d)
+    torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_tail_cache_writes_in_place_and_refuses_overflow():
@@ -150,3 +167,34 @@ def test_checking_for_eos_every_k_steps_gives_the_same_tokens(tiny, shared_data_
     for row, ref in zip(one, free):
         cut = next(j for j, t in enumerate(ref) if t in eos)
         assert row == ref[:cut]
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts reads of tensor values by the host (each one a device sync on a GPU)."""
+
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_decode_steps_read_nothing_back_from_the_device(tiny, shared_data_dir):
+    """Host reads in a decode do not grow with the steps (the 2-D mask path checked the mask on every step)."""
+    model, tok = tiny
+    mem = build_memory(MemoryConfig(ratio=4, window=128), model, tok)
+    mem.memorize((shared_data_dir / "harry_potter.txt").read_text(encoding="utf-8")[:600])
+    prompts = [tok("Who is Dudley?")["input_ids"], tok("Where do they live, the Dursleys?")["input_ids"]]
+    counts = []
+    for steps in (3, 11):
+        with _HostReads() as reads:
+            decode_after_cache(model, mem.cache, mem.next_position, prompts, max_new_tokens=steps, eos_ids=set(),
+                               pad_id=tok.pad_token_id, stop_check_every=1000)
+        counts.append(reads.count)
+    assert counts[0] == counts[1], counts

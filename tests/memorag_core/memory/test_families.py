@@ -44,11 +44,29 @@ def _family(name: str):
                                          "layer_types": ["sliding_attention", "full_attention"]}),  # per-layer rope
         "cohere-interleaved": (tf.CohereConfig, {}),
         "glm-interleaved-partial": (tf.GlmConfig, {}),  # partial_rotary_factor 0.5 by default
+        # layers without rotary (4 layers so that each has one): SmolLM3 skips it on every 4th layer
+        # (no_rope_layers [1, 1, 1, 0]); Cohere2 (interleaved) and EXAONE-4 rotate only their sliding layers
+        # (layer_types: 3 sliding, then 1 full)
+        "smollm3-nope": (tf.SmolLM3Config, {"num_hidden_layers": 4}),
+        "cohere2-interleaved-nope": (tf.Cohere2Config, {"num_hidden_layers": 4}),
+        "exaone4-nope": (tf.Exaone4Config, {"num_hidden_layers": 4}),
+        # refused when keys must move: partial rotary applied by the attention to a channel slice
+        "phi-slice": (tf.PhiConfig, {"partial_rotary_factor": 0.5}),
+        "persimmon-slice": (tf.PersimmonConfig, {}),
+        # refused: multi-head latent attention
+        "deepseek3-mla": (tf.DeepseekV3Config, {"kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8,
+                                                "head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+                                                "num_key_value_heads": 4, "n_routed_experts": 4,
+                                                "num_experts_per_tok": 2, "first_k_dense_replace": 2,
+                                                "n_group": 1, "topk_group": 1, "moe_intermediate_size": 32}),
     }[name]
 
 
 FAMILIES = ["llama", "llama-yarn", "llama-dynamic", "qwen2", "qwen3", "mistral", "phi3-partial", "gemma3",
-            "cohere-interleaved", "glm-interleaved-partial"]
+            "cohere-interleaved", "glm-interleaved-partial", "smollm3-nope", "cohere2-interleaved-nope",
+            "exaone4-nope"]
+# the layers each family leaves unrotated (transformers 5.19 modeling code), checked against the probe
+NO_ROPE_LAYERS = {"smollm3-nope": [3], "cohere2-interleaved-nope": [3], "exaone4-nope": [3]}
 
 
 @functools.cache
@@ -138,6 +156,8 @@ def test_rerotation_equals_computing_at_the_new_position(name):
     expected_layout = "interleaved" if "interleaved" in name else "half"
     assert rotation.layout == expected_layout
     assert rotation.rotary_dim == (8 if "partial" in name else 16)
+    layers = model.config.num_hidden_layers
+    assert [i for i in range(layers) if not rotation.rotary_layers[i]] == NO_ROPE_LAYERS.get(name, [])
 
 
 def test_compressed_memory_runs_on_every_family():
@@ -165,6 +185,38 @@ def test_unsupported_models_are_refused_at_construction_naming_the_cause():
         build_memory(MemoryConfig(ratio=4, window=64), model, tok)
     # keys that never move need no rotary embedding
     build_memory(MemoryConfig(ratio=4, window=64, positions="original"), model, tok)
+
+
+@pytest.mark.parametrize("name,cls", [("phi-slice", "PhiForCausalLM"), ("persimmon-slice", "PersimmonForCausalLM")])
+def test_partial_rotary_on_a_channel_slice_is_refused_when_keys_move_and_exact_when_they_stay(name, cls):
+    model, tok = tiny(name)
+    with pytest.raises(UnsupportedModelError, match=f"{cls}: partial rotary \\(8 of 16 channels\\).*Phi and Persimmon"):
+        build_memory(MemoryConfig(ratio=4, window=32), model, tok)
+    mem = build_memory(MemoryConfig(ratio=4, window=32, positions="original"), model, tok)
+    mem.memorize(TEXT)
+    assert mem.next_position == len(mem.head_ids()) + len(mem._encode(TEXT)) and mem.answer("Who?", 3) is not None
+
+
+def test_multi_head_latent_attention_is_refused_by_name():
+    model, tok = tiny("deepseek3-mla")
+    for positions in ("compact", "original"):
+        with pytest.raises(UnsupportedModelError, match="DeepseekV3ForCausalLM: multi-head latent attention "
+                                                        "\\(kv_lora_rank=16"):
+            build_memory(MemoryConfig(ratio=4, window=32, positions=positions), model, tok)
+
+
+def test_the_length_dependent_rope_limit_holds_for_original_positions_and_for_decoding():
+    model, tok = tiny("llama-dynamic", max_position_embeddings=192)
+    mem = build_memory(MemoryConfig(ratio=4, window=32, positions="original"), model, tok)
+    with pytest.raises(UnsupportedModelError, match="reading the text would reach position .* past "
+                                                    "original_max_position_embeddings=192.*positions='original'"):
+        mem.memorize(TEXT + " " + TEXT)  # 54 + 184 tokens at their own positions
+    mem = build_memory(MemoryConfig(ratio=4, window=32), model, tok)
+    mem.memorize(TEXT + " " + TEXT)  # compact: about a quarter of the tokens' positions
+    assert mem.next_position == 54 + 184 // 4  # the prompt head, then a quarter of the text
+    assert isinstance(mem.answer("Who?", max_new_tokens=4), str)
+    with pytest.raises(UnsupportedModelError, match="decoding the question would reach position"):
+        mem.answer("Who?", max_new_tokens=128)
 
 
 def test_a_memory_outgrowing_a_sliding_window_is_refused_before_it_is_wrong():

@@ -55,3 +55,26 @@ def test_memory_stage_resume_reads_the_sidecar_not_the_memory(tmp_path, monkeypa
     assert stage._cached("u1") == (info.sha256, info.nbytes, "the gist", m.header)
     assert [p for p in reads if p.endswith(".safetensors")]
     assert store.unit_memory_info("u1")["sha256"] == info.sha256  # backfilled
+
+
+def test_a_memory_replaced_by_bytes_of_the_same_size_gets_its_own_sha256_on_resume(backend):
+    """Batched and one-at-a-time memorizing give allclose, not byte-identical, files for one unit id: a sidecar
+    left by one writer is not trusted for the other's file, although the sizes agree."""
+    import torch
+
+    from memorag_core.store.memory_file import encode_memory
+    from pipeline.memory_stage import MemoryStage
+
+    store = CollectionStore(backend.root_url, backend.storage_options)
+    first = make_memory()
+    info = store.write_unit_memory("u1", first)
+    other = make_memory()
+    other.keys = [k + 1e-3 * torch.ones_like(k) for k in other.keys]  # allclose, other bytes
+    data = encode_memory(other)
+    assert len(data) == info.nbytes and sfs.sha256_hex(data) != info.sha256
+    sfs.write_atomic(store.fs, sfs.join(store.root, "units", "u1", "memory.safetensors"), data)  # its sidecar lost
+    assert store.unit_memory_info("u1") is None
+    stage = MemoryStage.__new__(MemoryStage)  # no model needed for _cached
+    stage.store = store
+    assert stage._cached("u1")[:2] == (sfs.sha256_hex(data), len(data))
+    assert store.unit_memory_info("u1")["sha256"] == sfs.sha256_hex(data)  # the sidecar now names these bytes
