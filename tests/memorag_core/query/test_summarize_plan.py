@@ -97,6 +97,11 @@ def test_gc_keeps_what_live_summaries_use(tmp_path):
         w = s.new_version("c")
         w.write_bytes("report.md", b"# r\n")
         w.publish(Manifest(extra={"staged_keys": keys_used}))
+    first = s.versions.list_versions("c")[0]
+    dry = s.gc("c", keep_last=1, min_age_s=0, dry_run=True)  # what would go; nothing goes
+    assert s.staged_keys("units") == sorted([old, new]) and len(s.versions.list_versions("c")) == 2
     report = s.gc("c", keep_last=1, min_age_s=0)
-    assert report == {"removed_versions": 1, "removed_staged": 1}
+    assert report == dry and report["freed_bytes"] > 0
+    assert {k: report[k] for k in ("removed_versions", "removed_staged", "versions", "staged")} == {
+        "removed_versions": 1, "removed_staged": 1, "versions": [first], "staged": [f"units/{old}"]}
     assert s.staged_keys("units") == [new] and len(s.versions.list_versions("c")) == 1
