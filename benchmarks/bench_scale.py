@@ -157,8 +157,9 @@ def driver_main(cfg_file: str, out_file: str, num_cpus: int) -> None:
     """The driver process: start a fresh local Ray, run the job, write stats + this process's peak RSS."""
     import ray
 
-    from jobs.memorize import _REPO_ROOT, run_memorize_job
+    from jobs.memorize import run_memorize_job
     from pipeline.config import MemorizeJobConfig
+    from pipeline.ray_env import REPO_ROOT as _REPO_ROOT
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = MemorizeJobConfig.model_validate_json(Path(cfg_file).read_text())

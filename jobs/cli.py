@@ -107,8 +107,6 @@ def memorize(
     chunk_size: Annotated[Optional[int], typer.Option(
         min=1, help="retrieval chunk size in the embedder's tokens (default: the embedder's limit; a larger size "
                     "is refused)", rich_help_panel=_BUNDLE)] = None,
-    storage_dtype: Annotated[Optional[Literal["int8", "fp8"]], typer.Option(
-        help="store K/V as int8 or fp8 (default: keep dtype)", rich_help_panel=_BUNDLE)] = None,
     *,
     job: MemorizeJobFlags,
 ) -> None:
@@ -116,7 +114,7 @@ def memorize(
     into a new version of a collection (`memorag memorize --corpus URL --collection NAME --store URL`, a Ray job:
     the same options as `python -m jobs.memorize`)."""
     bundle = {"--" + n.replace("_", "-"): ctx.get_parameter_source(n).name in ("COMMANDLINE", "ENVIRONMENT")
-              for n in ("save_dir", "window", "positions", "chunk_size", "storage_dtype")}
+              for n in ("save_dir", "window", "positions", "chunk_size")}
     if path is None:
         if not (job.corpus or job.collection or job.config):
             usage_error(ctx, "give PATH --save-dir DIR (a bundle), or --corpus URL --collection NAME (the job)")
@@ -128,7 +126,7 @@ def memorize(
         run_job_command(job)
         return
     job_only = [f.name for f in dataclasses.fields(job) if ctx.get_parameter_source(f.name).name == "COMMANDLINE"
-                and f.name not in ("memory_model", "memory_kind", "ratio", "embedder", "max_chars")]
+                and f.name not in ("memory_model", "memory_kind", "ratio", "embedder", "max_chars", "storage_dtype")]
     if job_only:
         names = ", ".join("--" + n.replace("_", "-").replace("corpus-format", "format") for n in job_only)
         usage_error(ctx, f"{names}: corpus job option(s), not for a bundle from PATH")
@@ -136,7 +134,8 @@ def memorize(
         usage_error(ctx, "memorizing PATH into a bundle needs --save-dir DIR")
     memorize_bundle(path, save_dir, model=job.memory_model, embedder=job.embedder,
                     kind=job.memory_kind or "compressed_kv", ratio=job.ratio or 4, window=window,
-                    positions=positions, chunk_size=chunk_size, max_chars=job.max_chars, storage_dtype=storage_dtype)
+                    positions=positions, chunk_size=chunk_size, max_chars=job.max_chars,
+                    storage_dtype=None if job.storage_dtype in (None, "keep") else job.storage_dtype)
 
 
 def memorize_bundle(path: Path, save_dir: str, *, model: Optional[str], embedder: Optional[str], kind: str,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -33,55 +32,15 @@ from pathlib import Path
 import typer
 
 from jobs.options import MemorizeJobFlags, invalid_configuration, job_logging, run_app, with_options
-from pipeline.config import (
-    ChunkEmbedConfig,
-    CorpusConfig,
-    IndexStageConfig,
-    MemorizeJobConfig,
-    MemoryStageConfig,
-    PackConfig,
-    RouterConfig,
-    ValidateConfig,
-)
-from pipeline.publish import JobStats, build_manifest
+from pipeline.config import MemorizeJobConfig
+from pipeline.publish import META_COLUMNS, JobStats, memorize_manifest, memorized_bytes
 
 logger = logging.getLogger(__name__)
 
-_REPO_ROOT = str(Path(__file__).resolve().parents[1])
-
-
 def _init_ray(config: MemorizeJobConfig) -> None:
-    import ray
+    from pipeline.ray_env import init_ray
 
-    if ray.is_initialized():
-        return
-    paths = [_REPO_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEMORAG_CACHE", "TOKENIZERS_PARALLELISM"):
-        if k in os.environ:
-            env[k] = os.environ[k]
-    # Under `ray job submit` the submitter's runtime env is injected, and ray.init refuses env var keys that it
-    # already sets: those keep the submitter's values.
-    job_config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if job_config:
-        job_env = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
-        env = {k: v for k, v in env.items() if k not in job_env}
-    address = config.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs = {} if address else {"num_cpus": config.num_cpus}
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
-
-
-class _KeepRows:
-    """Filter fn: valid rows that are the kept copy of their doc id (duplicates are quarantined)."""
-
-    def __init__(self, kept: dict[str, tuple]):
-        self.kept = kept
-
-    def __call__(self, row: dict) -> bool:
-        if row["reason"]:
-            return False
-        k = self.kept.get(row["doc_id"])
-        return k is None or k == (row["source"], row["position"], row["sha256"])
+    init_ray(config.ray_address, config.num_cpus)
 
 
 class _Phases:
@@ -105,54 +64,6 @@ def _partitions(groups: int, per_partition: int = 32, most: int = 200) -> int:
     return max(1, min(most, -(-groups // per_partition)))
 
 
-def _triage(meta: list[dict]) -> tuple[list[dict], dict[str, list[tuple]], dict[str, tuple]]:
-    """Split validated row metadata into quarantined rows, valid copies per doc id, and the kept copy of every
-    duplicated id (the first by source and position; the other copies are quarantined as duplicates)."""
-    bad = [r for r in meta if r["reason"]]
-    by_id: dict[str, list[tuple]] = {}
-    for r in meta:
-        if not r["reason"]:
-            by_id.setdefault(r["doc_id"], []).append((r["source"], r["position"], r["sha256"]))
-    kept: dict[str, tuple] = {}
-    for doc_id, copies in by_id.items():
-        if len(copies) > 1:
-            copies.sort()
-            kept[doc_id] = copies[0]
-            bad.extend({"doc_id": doc_id, "source": s, "position": p, "reason": f"duplicate doc_id {doc_id!r} "
-                        f"(kept {copies[0][0]}:{copies[0][1]})"} for s, p, _ in copies[1:])
-    return bad, by_id, kept
-
-
-def _units_dataset(items, build_unit, max_blocks: int):
-    """Group planned items (a table with ``group``) into unit rows on the driver, as ``groupby("group")
-    .map_groups(build_unit)`` does, and return them as a Ray Dataset of up to ``max_blocks`` blocks (so that the
-    actor pools share the work)."""
-    import pyarrow as pa
-    import ray.data
-
-    index: dict[str, list[int]] = {}
-    for i, g in enumerate(items.column("group").to_pylist()):
-        index.setdefault(g, []).append(i)
-    units = pa.concat_tables([build_unit(items.take(index[g])) for g in sorted(index)])
-    n = max(1, min(units.num_rows, max_blocks))
-    step = -(-units.num_rows // n)
-    return ray.data.from_arrow([units.slice(k, step) for k in range(0, units.num_rows, step)])
-
-
-def _quarantine_table(bad: list[dict]):
-    import pyarrow as pa
-
-    from pipeline.validate import reason_code
-
-    bad = sorted(bad, key=lambda r: (r["source"], r["position"], r["doc_id"] or "", r["reason"]))
-    return pa.table({
-        "doc_id": pa.array([r["doc_id"] or None for r in bad], pa.string()),
-        "source": pa.array([f"{r['source']}:{r['position']}" if r["position"] else r["source"] for r in bad]),
-        "reason": pa.array([reason_code(r["reason"]) for r in bad], pa.string()),
-        "detail": pa.array([r["reason"] for r in bad], pa.string()),
-    })
-
-
 def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     """Run the memorize job and publish a new version of ``config.collection``; returns the run's statistics.
 
@@ -160,6 +71,21 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     local one. Raises InvalidInputError for an unreadable corpus or a corpus with no valid document (nothing is
     published then), and the store's errors when the store fails (the previous version stays live).
     """
+    from memorag_core.store import CollectionStore
+    from pipeline.read import corpus_nbytes
+
+    t0 = time.perf_counter()
+    # Bad input fails here, before any Ray is started or joined.
+    nbytes = corpus_nbytes(config.corpus)
+    store = CollectionStore(config.store, config.storage_options)
+    writer = store.new_version(config.collection)  # validates the name and reads the live version up front
+    # Held until the job ends: gc keeps the version being written and every unit and staged file it may reuse.
+    with store.job_lease(config.collection, "memorize", [writer.version, writer.base]):
+        return _memorize(config, store, writer, nbytes, t0)
+
+
+def _memorize(config: MemorizeJobConfig, store, writer, nbytes: int, t0: float) -> JobStats:
+    """The job's phases, under its lease (see :func:`run_memorize_job`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
@@ -167,20 +93,14 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     from ray.data import ActorPoolStrategy
 
     from memorag_core.errors import InvalidInputError
-    from memorag_core.store import CollectionStore
     from pipeline.chunk_embed import ChunkEmbedStage
     from pipeline.index import BuildShard, build_shards, merge_shards, select_columns, train_index
     from pipeline.memory_stage import MemoryStage
-    from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_units
-    from pipeline.read import corpus_nbytes, read_corpus, read_corpus_table
+    from pipeline.pack import AssignGroups, BuildUnit, TokenizeSplitStage, plan_table, plan_units, units_dataset
+    from pipeline.read import read_corpus, read_corpus_table
     from pipeline.router import ROUTER_COLUMNS, unique_units, write_router
-    from pipeline.validate import ValidateStage, reason_code
+    from pipeline.validate import KeepRows, ValidateStage, quarantine_table, reason_code, triage
 
-    t0 = time.perf_counter()
-    # Bad input fails here, before any Ray is started or joined.
-    nbytes = corpus_nbytes(config.corpus)
-    store = CollectionStore(config.store, config.storage_options)
-    writer = store.new_version(config.collection)  # validates the name and reads the live version up front
     local = nbytes <= config.local_prepare_bytes
     if not local:
         _init_ray(config)
@@ -195,7 +115,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
         validated = read_corpus(config.corpus).map_batches(ValidateStage(config.validate_),
                                                            batch_format="pyarrow").materialize()
         meta = validated.select_columns(["doc_id", "source", "position", "sha256", "reason"]).take_all()
-    bad, by_id, kept = _triage(meta)
+    bad, by_id, kept = triage(meta)
     stats.documents = len(by_id)
     stats.quarantined = len(bad)
     stats.quarantine_reasons = dict(sorted(Counter(reason_code(r["reason"]) for r in bad).items()))
@@ -204,28 +124,39 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     if not by_id:
         raise InvalidInputError(f"corpus {config.corpus.url!r} has no valid document ({stats.quarantined} "
                                 f"quarantined: {stats.quarantine_reasons}); nothing was published")
+    quarantine = quarantine_table(bad)  # small Arrow table; the per-row dicts go now
+    del bad, by_id
     phase("read+validate")
 
     # 3. pack
     mem_cfg = config.memory_stage.memory
     tokenize = TokenizeSplitStage(mem_cfg.model, config.pack, mem_cfg.load)
     if local:
-        keep = _KeepRows(kept)
+        keep = KeepRows(kept)
         items_table = tokenize(validated_table.filter(pa.array([keep(r) for r in meta], pa.bool_())))
+        del validated_table  # the validated rows (texts included) are not needed past triage and tokenizing
         item_meta = items_table.select(["doc_id", "part", "n_tokens"]).to_pylist()
     else:
-        items = validated.filter(_KeepRows(kept)).map_batches(tokenize, batch_format="pyarrow").materialize()
+        items = validated.filter(KeepRows(kept)).map_batches(tokenize, batch_format="pyarrow").materialize()
+        del validated  # its blocks leave the object store: items hold the texts from here on
         item_meta = items.select_columns(["doc_id", "part", "n_tokens"]).take_all()
-    plan = plan_units(sorted({(r["doc_id"], r["part"], r["n_tokens"]) for r in item_meta}), config.pack)
-    plan_map = {(p.doc_id, p.part): p.group for p in plan}
+    del meta, kept
+    plan = plan_table(plan_units(sorted({(r["doc_id"], r["part"], r["n_tokens"]) for r in item_meta}),
+                                 config.pack))
+    del item_meta
     if local:
         _init_ray(config)  # only now: a small corpus with bad input fails above without starting Ray
-        units = _units_dataset(AssignGroups(plan_map)(items_table), BuildUnit(config.pack.separator),
+        units = units_dataset(AssignGroups(plan)(items_table), BuildUnit(config.pack.separator),
                                8 * config.memory_stage.concurrency)
+        del items_table
     else:
-        units = (items.map_batches(AssignGroups(plan_map), batch_format="pyarrow")
-                 .groupby("group", num_partitions=_partitions(len(set(plan_map.values()))))
+        # the plan goes to the object store once; map tasks read it there (not a pickled dict per task)
+        n_groups = int(pc.count_distinct(plan.column("group")).as_py())
+        units = (items.map_batches(AssignGroups(ray.put(plan)), batch_format="pyarrow")
+                 .groupby("group", num_partitions=_partitions(n_groups))
                  .map_groups(BuildUnit(config.pack.separator), batch_format="pyarrow"))
+        del items
+    del plan
     phase("pack")
 
     # 4. memory actors, then chunk + embed actors
@@ -244,7 +175,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     refs = embedded.to_arrow_refs()
     groups = max(1, min(len(refs), 2 * int(ray.cluster_resources().get("CPU", 1))))
     select = ray.remote(select_columns).options(num_returns=2)
-    selected = [select.remote([_META_COLUMNS, ROUTER_COLUMNS], *refs[g::groups]) for g in range(groups)]
+    selected = [select.remote([META_COLUMNS, ROUTER_COLUMNS], *refs[g::groups]) for g in range(groups)]
     metas = ray.get([m for m, _ in selected])
     router_parts = [r for _, r in selected]  # gist columns, for the router task; never fetched here
     dims = {int(m.schema.metadata[b"dim"]) for m in metas if m.schema.metadata and b"dim" in m.schema.metadata}
@@ -254,15 +185,7 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     dim = dims.pop()
     phase("memorize+embed")
     meta = unique_units(meta)
-    stats.units = meta.num_rows
-    memorized_mask = meta.column("memorized")
-    stats.units_memorized = int(pc.sum(memorized_mask.cast(pa.int64())).as_py() or 0)
-    stats.units_cached = stats.units - stats.units_memorized
-    stats.tokens = int(pc.sum(meta.column("n_tokens")).as_py() or 0)
-    stats.tokens_memorized = int(pc.sum(pc.if_else(memorized_mask, meta.column("n_tokens"), 0)).as_py() or 0)
-    stats.units_embedded = int(pc.sum(meta.column("embedded").cast(pa.int64())).as_py() or 0)
-    stats.memory_seconds = float(pc.sum(meta.column("seconds")).as_py() or 0.0)
-    stats.chunks = int(pc.sum(meta.column("n_chunks")).as_py() or 0)
+    stats.add_units(meta)
 
     # 5. index: train once (a task), shards in parallel tasks that write their own files, optional merge task
     ic = config.index
@@ -286,41 +209,16 @@ def run_memorize_job(config: MemorizeJobConfig) -> JobStats:
     del refs, router_parts
     for f in router_files:
         writer.record_file(f["path"], f["sha256"], f["nbytes"])
-    writer.write_table("quarantine", "quarantine", _quarantine_table(bad))
-    first = meta.slice(0, 1).to_pylist()[0]
-    models = {"memory": (first["model_id"], first["model_revision"]),
-              "embedder": (ce.embedder or _embedded_embedder(), None)}
-    rows = meta.select(["unit_id", "memory_sha256", "memory_nbytes", "storage_dtype", "n_tokens", "raw_tokens",
-                        "entries"]).to_pylist()
-    manifest = build_manifest(
-        config_dump=config.model_dump(mode="json", by_alias=True), unit_rows=rows, models=models,
-        stats={"documents": stats.documents, "quarantined": stats.quarantined,
-               "quarantine_reasons": stats.quarantine_reasons, "units": stats.units, "tokens": stats.tokens,
-               "chunks": stats.chunks, "memory_bytes": int(pc.sum(meta.column("memory_nbytes")).as_py() or 0)},
-        extra={"memory_fingerprint": first["fingerprint"], "dim": dim, "shards": [s["shard"] for s in shard_list],
-               "index": {"kind": ic.kind, "metric": ic.metric, "merged": ic.merge, "n_train": n_train},
-               "router": {"gist": config.router.gist}})
-    del rows
-    stats.bytes_written = (sum(f["nbytes"] for f in writer.files.values())
-                           + int(pc.sum(pc.if_else(memorized_mask, meta.column("memory_nbytes"), 0)).as_py() or 0))
+    writer.write_table("quarantine", "quarantine", quarantine)
+    manifest = memorize_manifest(config, meta, stats, dim=dim, shards=[s["shard"] for s in shard_list],
+                                 n_train=n_train)
+    stats.bytes_written = sum(f["nbytes"] for f in writer.files.values()) + memorized_bytes(meta)
     stats.version = writer.publish(manifest)
     phase("router+publish")
     stats.seconds = time.perf_counter() - t0
     stats.phase_seconds = phase.seconds
     logger.info("published %s/%s\n%s", config.collection, stats.version, stats.table())
     return stats
-
-
-_META_COLUMNS = ["unit_id", "n_tokens", "raw_tokens", "entries", "memory_sha256", "memory_nbytes", "storage_dtype",
-                 "memorized", "embedded", "seconds", "chunks_path", "n_chunks", "fingerprint", "model_id",
-                 "model_revision"]
-"""The embed-stage columns the driver keeps, per unit: small metadata, no unit text, gist or embedding."""
-
-
-def _embedded_embedder() -> str:
-    from memorag_core.models import EMBEDDED_EMBEDDER
-
-    return EMBEDDED_EMBEDDER
 
 
 app = typer.Typer(add_completion=False, rich_markup_mode="markdown",

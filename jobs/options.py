@@ -166,6 +166,9 @@ class MemorizeJobFlags:
     max_chars: Annotated[Optional[int], typer.Option(
         min=1, help="corpus job: quarantine documents longer than N characters; PATH: read only the first N "
                     "characters (quick trials)", rich_help_panel=_BOTH)] = None
+    storage_dtype: Annotated[Optional[Literal["int8", "fp8", "keep"]], typer.Option(
+        help="how unit memories are stored: int8 (the job's default; per-channel keys answered as the kept dtype "
+             "did), fp8, or keep the model's dtype (a bundle's default)", rich_help_panel=_BOTH)] = None
     unit_tokens: Annotated[Optional[int], typer.Option(
         min=1, help="most tokens per memory unit", rich_help_panel=_JOB)] = None
     chunk_tokens: Annotated[Optional[int], typer.Option(
@@ -211,6 +214,7 @@ class MemorizeJobFlags:
                 ("chunk_embed.chunk_tokens", self.chunk_tokens), ("validate.max_chars", self.max_chars),
                 ("memory_stage.concurrency", self.actors), ("memory_stage.num_cpus", self.actor_cpus),
                 ("memory_stage.pin_cpus", self.pin_cpus), ("memory_stage.num_gpus", self.actor_gpus),
+                ("memory_stage.storage_dtype", self.storage_dtype),
                 ("chunk_embed.concurrency", self.embed_actors), ("chunk_embed.num_cpus", self.embed_cpus),
                 ("index.shards", self.shards), ("router.gist", self.gist), ("ray_address", self.ray_address),
                 ("num_cpus", self.num_cpus), ("local_prepare_bytes", self.local_prepare_bytes)):

@@ -23,23 +23,20 @@ with ``memorag summarize --collection NAME --store DIR`` or ``python -m jobs.sum
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.options import SummarizeJobFlags, invalid_configuration, job_logging, run_app, with_options
+from memorag_core.generators.resolve import resolve_generator  # noqa: F401 - re-exported for callers of jobs
 
 logger = logging.getLogger(__name__)
-
-_VLLM_CPU_HEAD_DIMS = {32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512}
 
 
 class SummarizeJobConfig(BaseModel):
@@ -79,165 +76,25 @@ class SummarizeJobConfig(BaseModel):
                                fan_in=self.fan_in, reduce_max_chars=self.reduce_max_chars)
 
 
-@dataclass
-class SummarizeStats:
-    """What one summarize run did (printed as a table; ``--stats-json`` writes it as JSON)."""
-
-    collection: str = ""
-    source_version: str = ""
-    summaries_version: str = ""
-    nothing_to_do: bool = False
-    generator: str = ""
-    units: int = 0
-    units_summarized: int = 0
-    units_cached: int = 0
-    units_skipped: int = 0
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-    documents: int = 0
-    reduce_steps: int = 0
-    reduce_cached: int = 0
-    input_tokens: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
-    location: str = ""
-
-    @property
-    def summaries_per_minute(self) -> float:
-        """Summaries (unit and reduce) written by this run per minute of wall time."""
-        n = self.units_summarized + self.reduce_steps
-        return 60.0 * n / self.seconds if self.seconds else 0.0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "summaries_per_minute": round(self.summaries_per_minute, 2)}
-
-    def table(self) -> str:
-        rows = [
-            ("collection", f"{self.collection} @ {self.source_version}"),
-            ("summaries", self.summaries_version or "(none published)"),
-            ("generator", self.generator),
-            ("units", f"{self.units:,} ({self.units_summarized:,} summarized, {self.units_cached:,} cached, "
-                      f"{self.units_skipped:,} skipped)" + (f"  {self.skip_reasons}" if self.skip_reasons else "")),
-            ("documents", f"{self.documents:,} multi-unit document summaries"),
-            ("reduce steps", f"{self.reduce_steps:,} computed, {self.reduce_cached:,} cached"),
-            ("tokens", f"{self.input_tokens:,} unit tokens read, {self.generated_tokens:,} generated"),
-            ("wall time", f"{self.seconds:,.1f} s"),
-            ("summaries/min", f"{self.summaries_per_minute:,.1f}"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        line = "-" * (width + 3 + max(len(v) for _, v in rows))
-        return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
-
-
-@dataclass
-class UnitMeta:
-    unit_id: str
-    doc_ids: list[str]
-    start: int | None
-    n_tokens: int
-
-    @property
-    def order(self) -> tuple:
-        return (self.doc_ids[0] if self.doc_ids else "", self.start if self.start is not None else 1 << 62,
-                self.unit_id)
-
-
 # -- planning ---------------------------------------------------------------------------------------------------
-def resolve_generator(spec: str, memory_config: dict, memory_ref) -> tuple[str | None, str, list]:
-    """``(spec for the actors (None = memory model), model name for the tables, identity for content keys)``."""
-    mem_id = memory_ref.id if memory_ref else str(memory_config.get("model"))
-    mem_rev = memory_ref.revision if memory_ref else None
-    if spec == "auto":
-        spec = "memory"
-        if importlib.util.find_spec("vllm") is not None:
-            head_dim = _head_dim(memory_config.get("model"))
-            if head_dim in _VLLM_CPU_HEAD_DIMS or _has_cuda():
-                spec = "vllm:" + (memory_config.get("model") or "")
-            else:
-                logger.info("generator auto: vLLM is installed but head_dim %s is not supported here; transformers",
-                            head_dim)
-        logger.info("generator auto -> %s", spec)
-    if spec == "memory":
-        return None, mem_id, ["memory", mem_id, mem_rev]
-    if spec.startswith("vllm:") and not spec[5:]:
-        return spec, f"vllm:{mem_id}", ["vllm", mem_id, mem_rev]
-    return spec, spec, ["spec", spec]
-
-
-def _head_dim(model: str | None) -> int | None:
-    try:
-        from transformers import AutoConfig
-
-        from memorag_core.models import resolve_lm
-
-        cfg = AutoConfig.from_pretrained(resolve_lm(model))
-        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    except Exception as exc:  # noqa: BLE001 - unknown: let transformers generate
-        logger.info("cannot read the memory model's head_dim (%s)", exc)
-        return None
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
-
-
-def read_units(reader) -> list[UnitMeta]:
-    """The version's units (id, documents, start offset, tokens), without their text."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    out = []
-    for rel in reader.files("units/"):
-        if not rel.endswith(".parquet"):
-            continue
-        t = pq.read_table(io.BytesIO(reader.read_bytes(rel)), columns=["unit_id", "doc_ids", "start", "n_tokens"])
-        out += [UnitMeta(r["unit_id"], list(r["doc_ids"] or []), r["start"], int(r["n_tokens"] or 0))
-                for r in t.to_pylist()]
-    known = set(reader.manifest.units)
-    missing = known - {u.unit_id for u in out}
-    out += [UnitMeta(u, [], None, 0) for u in sorted(missing)]  # no units table: still summarized, unordered
-    return sorted([u for u in out if u.unit_id in known], key=lambda u: u.order)
-
-
-def _majority(langs: list[str]) -> str:
-    return Counter(langs).most_common(1)[0][0] if langs else "en"
-
-
 def _init_ray(config: SummarizeJobConfig) -> None:
     """Join or start Ray as the memorize job does (same runtime env: PYTHONPATH, offline flags)."""
-    from types import SimpleNamespace
+    from pipeline.ray_env import init_ray
 
-    from jobs.memorize import _init_ray as init
-
-    init(SimpleNamespace(ray_address=config.ray_address, num_cpus=config.num_cpus_local))
+    init_ray(config.ray_address, config.num_cpus_local)
 
 
 # -- the job -----------------------------------------------------------------------------------------------------
-def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
-    """Summarize ``config.collection`` and publish a new summaries version (or say that nothing changed).
+def run_summarize_job(config: SummarizeJobConfig, echo=print):
+    """Summarize ``config.collection`` and publish a new summaries version (or say that nothing changed); returns
+    the run's :class:`pipeline.summarize_stage.SummarizeStats`.
 
     Raises ArtifactNotFoundError (no such collection / version), PublishConflictError (another summarize run
     published first; rerun: staged work is kept), and the store's errors.
     """
-    import pyarrow as pa
-
     from memorag_core.errors import ArtifactNotFoundError
-    from memorag_core.query.summarize import PROMPT_VERSION, plan_reduce
-    from memorag_core.store import CollectionStore, Manifest, ModelRef
-    from memorag_core.store.summaries import (
-        COLLECTION_TABLE,
-        DOCUMENTS_TABLE,
-        REPORT,
-        UNITS_TABLE,
-        SummaryStore,
-        content_key,
-        units_digest,
-    )
+    from memorag_core.store import CollectionStore
+    from memorag_core.store.summaries import SummaryStore
 
     t0 = time.perf_counter()
     store = CollectionStore(config.store, config.storage_options or None)
@@ -245,6 +102,28 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
     version = config.version or store.current_version(config.collection)
     if version is None:
         raise ArtifactNotFoundError(f"collection {config.collection!r} has no live version at {store.url}")
+    # Held until the job ends: gc keeps the collection version read here, the summaries version written here and
+    # every staged summary (a running job's records are listed by no summaries manifest until it publishes).
+    with store.job_lease(config.collection, "summarize", [version]), \
+            summaries.versions.job_lease(config.collection, "summarize") as lease:
+        return _summarize(config, store, summaries, version, lease, echo, t0)
+
+
+def _summarize(config: SummarizeJobConfig, store, summaries, version: str, lease, echo, t0: float):
+    """The job's phases, under its leases (see :func:`run_summarize_job`)."""
+    from memorag_core.query.summarize import PROMPT_VERSION, plan_summaries, read_units
+    from memorag_core.store.summaries import (
+        REPORT,
+        build_report,
+        content_key,
+        summaries_current,
+        summaries_manifest,
+        summary_rows,
+        units_digest,
+        write_summary_table,
+    )
+    from pipeline.summarize_stage import SummarizeStats, run_reduce, run_unit_summaries
+
     reader = store.open_version(config.collection, version)
     manifest = reader.manifest
     memory_config = dict((manifest.config.get("memory_stage") or {}).get("memory") or {})
@@ -262,9 +141,7 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
     digest = units_digest([u.unit_id for u in units])
 
     previous = summaries.open(config.collection)
-    if previous is not None and previous.extra.get("run_key") == run_key \
-            and previous.source_units_sha256 == digest \
-            and not (config.retry_skipped and previous.extra.get("skipped")):
+    if summaries_current(previous, run_key, digest, config.retry_skipped):
         stats.nothing_to_do = True
         stats.summaries_version = previous.version
         stats.seconds = time.perf_counter() - t0
@@ -274,6 +151,7 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
              + (f" ({skipped} units skipped earlier; --retry-skipped tries them again)" if skipped else ""))
         return stats
     writer = summaries.new_version(config.collection)  # the summaries pointer it must replace is read here
+    lease.hold(writer.version)
 
     # 1. unit summaries: staged ones are done
     keys = {u.unit_id: content_key("unit", u.unit_id, basis) for u in units}
@@ -286,20 +164,10 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
     ctor = (store.url, config.storage_options or None, config.collection, version, settings.to_dict(), gen_spec,
             model_name, config.device, config.batch_size)
     if todo:
-        import ray.data
-        from ray.data import ActorPoolStrategy
-
-        from pipeline.summarize_stage import UnitSummaryStage
-
         _init_ray(config)
-        rows = [{"unit_id": u.unit_id, "key": keys[u.unit_id]} for u in todo]
-        blocks = max(1, min(len(rows), -(-len(rows) // config.batch_size)))
-        ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
-            UnitSummaryStage, fn_constructor_args=ctor,
-            compute=ActorPoolStrategy(size=config.concurrency, max_tasks_in_flight_per_actor=1),
-            batch_size=config.batch_size, num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-            batch_format="pyarrow")
-        out = ds.take_all()
+        out = run_unit_summaries([{"unit_id": u.unit_id, "key": keys[u.unit_id]} for u in todo], ctor,
+                                 concurrency=config.concurrency, batch_size=config.batch_size,
+                                 num_cpus=config.num_cpus, num_gpus=config.num_gpus)
         tokens = {u.unit_id: u.n_tokens for u in todo}
         for r in out:
             if r["ok"]:
@@ -310,6 +178,9 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
                 errors[r["unit_id"]] = (r["error"], r["detail"])
         staged.update(summaries.staged_many("units", [keys[u.unit_id] for u in todo
                                                       if u.unit_id not in errors]))
+        for u in todo:  # summarized and staged by an actor, but its record is gone: counted, never dropped
+            if u.unit_id not in errors and keys[u.unit_id] not in staged:
+                errors[u.unit_id] = ("lost", "its staged summary disappeared before publish (deleted by a gc?)")
     stats.units_skipped = len(errors)
     stats.skip_reasons = dict(sorted(Counter(e for e, _ in errors.values()).items()))
     for uid, (code, detail) in sorted(errors.items()):
@@ -320,28 +191,8 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
     good = [u for u in units if keys[u.unit_id] in texts]
 
     # 2. reduce plans: documents spanning several units, then the collection
-    by_doc: dict[str, list[UnitMeta]] = {}
-    for u in units:
-        for d in u.doc_ids:
-            by_doc.setdefault(d, []).append(u)
-    multi = {d: sorted(us, key=lambda u: (u.start if u.start is not None else 1 << 62, u.unit_id))
-             for d, us in by_doc.items() if len(us) > 1}
-    rkey = content_key("reduce-settings", basis)
-    nodes, doc_roots = [], {}
-    for d in sorted(multi):
-        root, ns = plan_reduce([keys[u.unit_id] for u in multi[d] if keys[u.unit_id] in texts], f"document:{d}",
-                               rkey, settings.fan_in)
-        if root is not None:
-            doc_roots[d] = root
-            nodes += ns
-    covered = {u.unit_id for us in multi.values() for u in us}
-    entries = sorted([((d,), doc_roots[d]) for d in doc_roots]
-                     + [(u.order, keys[u.unit_id]) for u in good if u.unit_id not in covered])
-    coll_root, ns = plan_reduce([k for _, k in entries], "collection", rkey, settings.fan_in)
-    nodes += ns
-    node_map = {}
-    for n in nodes:
-        node_map.setdefault(n.key, n)
+    multi, doc_roots, coll_root, node_map = plan_summaries(units, keys, set(texts),
+                                                           content_key("reduce-settings", basis), settings.fan_in)
     staged_red = summaries.staged_many("reduce", sorted(node_map))
     for k, rec in staged_red.items():
         texts[k] = (rec["summary"], rec.get("language") or "en")
@@ -349,152 +200,30 @@ def run_summarize_job(config: SummarizeJobConfig, echo=print) -> SummarizeStats:
     pending = [n for n in node_map.values() if n.key not in texts]
     failed: set[str] = set()
     if pending:
-        stats.reduce_steps = _run_reduce(config, ctor, pending, texts, failed, stats)
+        _init_ray(config)
+        stats.reduce_steps = run_reduce(ctor, pending, texts, failed, stats, concurrency=config.concurrency,
+                                        batch_size=config.batch_size, num_cpus=config.num_cpus,
+                                        num_gpus=config.num_gpus)
 
     # 3. tables, report, publish
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    common = {"model": model_name, "prompt_version": PROMPT_VERSION, "source_version": version}
-    unit_rows = [{"unit_id": u.unit_id, "summary": texts[keys[u.unit_id]][0],
-                  "key_points": staged[keys[u.unit_id]].get("key_points") or [], "kind": "unit",
-                  "doc_ids": u.doc_ids, "key": keys[u.unit_id], "language": texts[keys[u.unit_id]][1],
-                  "created_at": staged[keys[u.unit_id]].get("created_at") or now, **common} for u in good]
-    doc_rows = [{"unit_id": None, "summary": texts[r][0], "key_points": None, "kind": "document", "doc_id": d,
-                 "unit_ids": [u.unit_id for u in multi[d]], "key": r, "language": texts[r][1], "created_at": now,
-                 **common} for d, r in sorted(doc_roots.items()) if r in texts]
-    coll_rows = ([{"unit_id": None, "summary": texts[coll_root][0], "key_points": None, "kind": "collection",
-                   "collection": config.collection, "key": coll_root, "language": texts[coll_root][1],
-                   "units": len(good), "created_at": now, **common}]
-                 if coll_root is not None and coll_root in texts else [])
-    _write(writer, "units", unit_rows, pa)
-    _write(writer, "documents", doc_rows, pa)
-    _write(writer, "collection", coll_rows, pa)
+    unit_rows, doc_rows, coll_rows = summary_rows(
+        config.collection, version, model_name, good, keys, staged, texts, multi, doc_roots, coll_root)
+    for name, rows in (("units", unit_rows), ("documents", doc_rows), ("collection", coll_rows)):
+        write_summary_table(writer, name, rows)
     stats.documents = len(doc_rows)
-    skipped = {uid: code for uid, (code, _) in errors.items()}
     report = build_report(config.collection, version, writer.version, model_name, coll_rows, doc_rows, unit_rows,
                           errors, stats)
     writer.write_bytes(REPORT, report.encode())
-    used_keys = sorted({r["key"] for r in unit_rows} | set(node_map) & set(texts))
-    summ_manifest = Manifest(
-        models={"generator": ModelRef(id=model_name), **({"memory": manifest.models["memory"]}
-                                                          if "memory" in manifest.models else {})},
-        config={"generator": config.generator, "settings": settings.to_dict()},
-        stats={"units": len(units), "unit_summaries": len(unit_rows), "documents": len(doc_rows),
-               "skipped": len(skipped), "reduce_nodes": len(node_map)},
-        extra={"source_collection": config.collection, "source_version": version, "source_units_sha256": digest,
-               "run_key": run_key, "prompt_version": PROMPT_VERSION, "skipped": skipped,
-               "failed_reduce": sorted(failed), "staged_keys": used_keys,
-               "tables": [UNITS_TABLE, DOCUMENTS_TABLE, COLLECTION_TABLE], "report": REPORT})
+    summ_manifest = summaries_manifest(
+        model_name, manifest.models.get("memory"), config.generator, settings.to_dict(), collection=config.collection,
+        version=version, digest=digest, run_key=run_key, n_units=len(units), unit_rows=unit_rows, doc_rows=doc_rows,
+        skipped={uid: code for uid, (code, _) in errors.items()}, failed=failed, node_keys=set(node_map),
+        texts=texts)
     stats.summaries_version = writer.publish(summ_manifest)
     stats.location = f"{summaries.versions.url}/collections/{config.collection}/versions/{stats.summaries_version}"
     stats.seconds = time.perf_counter() - t0
     logger.info("published summaries %s/%s\n%s", config.collection, stats.summaries_version, stats.table())
     return stats
-
-
-def _write(writer, name: str, rows: list[dict], pa) -> None:
-    from memorag_core.store.schemas import SUMMARIES
-
-    if rows:
-        table = pa.Table.from_pylist(rows)
-    else:
-        table = SUMMARIES.empty_table()
-    writer.write_table("summaries", name, table)
-
-
-def _run_reduce(config, ctor, pending, texts, failed, stats) -> int:
-    """Compute the reduce nodes in dependent waves on ``concurrency`` reduce actors; returns nodes computed."""
-    import ray
-    from ray.util import ActorPool
-    from tqdm import tqdm
-
-    from pipeline.summarize_stage import ReduceWorker
-
-    _init_ray(config)
-    remote = ray.remote(num_cpus=config.num_cpus, num_gpus=config.num_gpus)(ReduceWorker)
-    actors = [remote.remote(*ctor) for _ in range(config.concurrency)]
-    pool = ActorPool(actors)
-    done = 0
-    bar = tqdm(total=len(pending), desc="reduce", unit="summary", disable=None)
-    try:
-        while pending:
-            ready = [n for n in pending if all(i in texts for i in n.inputs)]
-            blocked = [n for n in pending if any(i in failed for i in n.inputs)]
-            for n in blocked:
-                failed.add(n.key)
-            if not ready:
-                break
-            batches = [ready[i:i + config.batch_size] for i in range(0, len(ready), config.batch_size)]
-            payloads = [[{"key": n.key, "inputs": n.inputs, "texts": [texts[i][0] for i in n.inputs],
-                          "language": _majority([texts[i][1] for i in n.inputs]), "tree": n.tree} for n in b]
-                        for b in batches]
-            langs = {n.key: _majority([texts[i][1] for i in n.inputs]) for n in ready}
-            for results in pool.map_unordered(lambda a, p: a.reduce.remote(p), payloads):
-                for r in results:
-                    if r["error"]:
-                        failed.add(r["key"])
-                        logger.warning("reduce step %s failed: %s", r["key"][:12], r["error"])
-                    else:
-                        texts[r["key"]] = (r["summary"], langs[r["key"]])
-                        stats.generated_tokens += int(r["generated_tokens"])
-                        done += 1
-                    bar.update(1)
-            pending = [n for n in pending if n.key not in texts and n.key not in failed]
-    finally:
-        bar.close()
-        for a in actors:
-            ray.kill(a)
-    return done
-
-
-def build_report(collection, source_version, summaries_version, model, coll_rows, doc_rows, unit_rows, errors,
-                 stats: SummarizeStats, unit_limit: int = 200) -> str:
-    """The Markdown report of a summaries version."""
-    lines = [f"# Summaries of `{collection}`", "",
-             f"* collection version: `{source_version}`", f"* summaries version: `{summaries_version}`",
-             f"* generator: `{model}`", f"* written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             f"* units: {stats.units} ({stats.units_summarized} summarized by this run, {stats.units_cached} "
-             f"reused, {stats.units_skipped} skipped)", "", "## Collection", ""]
-    lines += [coll_rows[0]["summary"] if coll_rows else "_No collection summary (no unit could be summarized)._", ""]
-    if doc_rows:
-        lines += ["## Documents", ""]
-        for r in doc_rows:
-            lines += [f"### {r['doc_id']}", "", f"_{len(r['unit_ids'])} units_", "", r["summary"], ""]
-    lines += ["## Units", ""]
-    for r in unit_rows[:unit_limit]:
-        docs = ", ".join(r["doc_ids"][:5]) + (" ..." if len(r["doc_ids"]) > 5 else "")
-        lines += [f"* `{r['unit_id'][:12]}` ({docs}): " + " ".join(r["summary"].split())]
-    if len(unit_rows) > unit_limit:
-        lines += [f"* ... {len(unit_rows) - unit_limit} more in summaries/units.parquet"]
-    if errors:
-        lines += ["", "## Skipped units", "", "| unit | reason | detail |", "|---|---|---|"]
-        lines += [f"| `{u}` | {c} | {d.replace('|', '/')[:200]} |" for u, (c, d) in sorted(errors.items())]
-    return "\n".join(lines) + "\n"
-
-
-def summary_preview(store_url: str, collection: str, storage_options: dict | None = None, rows: int = 8) -> str:
-    """A short table of the live summaries (kind, id, start of the text) for the CLI."""
-    from memorag_core.store.summaries import SummaryStore
-
-    stored = SummaryStore(store_url, storage_options).open(collection)
-    if stored is None:
-        return "(no summaries)"
-    out = []
-    for kind, table, id_col in (("collection", stored.collection, "collection"), ("document", stored.documents,
-                                                                                   "doc_id"),
-                                ("unit", stored.units, "unit_id")):
-        if table is None:
-            continue
-        for r in table.to_pylist():
-            ident = str(r.get(id_col) or "")[:24]
-            out.append((kind, ident, " ".join(str(r["summary"]).split())[:70]))
-    shown = out[:rows]
-    w0 = max([4] + [len(k) for k, _, _ in shown])
-    w1 = max([2] + [len(i) for _, i, _ in shown])
-    lines = [f"{'kind':<{w0}}  {'id':<{w1}}  summary", f"{'-' * w0}  {'-' * w1}  {'-' * 40}"]
-    lines += [f"{k:<{w0}}  {i:<{w1}}  {s}" for k, i, s in shown]
-    if len(out) > rows:
-        lines.append(f"... {len(out) - rows} more")
-    return "\n".join(lines)
 
 
 app = typer.Typer(add_completion=False, rich_markup_mode="markdown", help="Summarize a published collection (Ray job).")
@@ -529,6 +258,8 @@ def run_job_command(flags: SummarizeJobFlags) -> None:
                f"{stats.summaries_version}:")
     for rel in (UNITS_TABLE, DOCUMENTS_TABLE, COLLECTION_TABLE, REPORT):
         typer.echo(f"  {stats.location}/{rel}")
+    from memorag_core.store.summaries import summary_preview
+
     typer.echo(summary_preview(config.store, config.collection, config.storage_options or None))
     typer.echo(stats.table())
 

@@ -68,6 +68,11 @@ class MemoryStageConfig(_Config):
         "device better; takes effect only up to batch_size, the units one call hands the actor."))
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per memory actor (fractional in tests).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per memory actor: 1 on a GPU cluster, 0 on CPU.")
+    storage_dtype: Literal["int8", "fp8", "keep"] = Field("int8", description=(
+        "How unit memory files store K and V: 'int8' (default; per-channel then per-entry scales for keys, "
+        "per-entry for values: answers equal to the unquantized memory's on the dev slice, docs/memory.md), "
+        "'fp8' (float8_e4m3fn, same scales and size) or 'keep' (the model's dtype: 3.8x the bytes of int8 for "
+        "fp32, 1.9x for bf16). Part of the unit id: units of another storage dtype are not reused."))
     max_tasks_in_flight: int = Field(1, gt=0, description=(
         "Batches queued on one memory actor at a time (Ray's max_tasks_in_flight_per_actor). 1 (default): an "
         "actor takes the next unit only when it is free, so units of uneven length cannot pile up behind a busy "

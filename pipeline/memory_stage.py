@@ -3,7 +3,7 @@
 :class:`MemoryStage` is a Ray Data callable class, run with ``compute=ray.data.ActorPoolStrategy(size=N)`` and
 ``num_gpus=1`` per actor on a GPU cluster (``num_cpus`` fractional on a CPU test machine). Per unit row it:
 
-1. computes the content-addressed ``unit_id`` = ``unit_id_for(memory.fingerprint(), text)``;
+1. computes the content-addressed ``unit_id`` = ``unit_id_for(memory.fingerprint(), text, storage_dtype)``;
 2. if the store already has ``units/<unit_id>/memory.safetensors`` (an earlier or interrupted run wrote it),
    reads its sidecar ``memory.json`` (sha256, size, header with the stored gist; a few hundred bytes) instead of
    the memory (resume: nothing is recomputed or downloaded); without a sidecar it reads the memory once;
@@ -66,15 +66,20 @@ class MemoryStage:
         config: memory config and actor resources.
         router: gist choice.
         store_url, storage_options: the artifact store (unit memories are shared by every collection in it).
-        storage_dtype: memory file storage (None keeps the tensors' dtype; "int8"/"fp8" quantize).
+        storage_dtype: memory file storage ("keep" the tensors' dtype, or "int8"/"fp8", see
+            :mod:`memorag_core.store.memory_file`); None = ``config.storage_dtype``.
     """
 
     def __init__(self, config: MemoryStageConfig, router: RouterConfig, store_url: str,
                  storage_options: dict | None = None, storage_dtype: str | None = None):
+        from memorag_core.errors import InvalidInputError
         from memorag_core.memory import build_memory
         from memorag_core.store import CollectionStore
 
-        self.config, self.router, self.storage_dtype = config, router, storage_dtype
+        self.config, self.router = config, router
+        self.storage_dtype = storage_dtype or config.storage_dtype  # "keep", "int8" or "fp8"
+        if self.storage_dtype not in ("keep", "int8", "fp8"):
+            raise InvalidInputError(f"storage_dtype {self.storage_dtype!r} is not one of 'keep', 'int8', 'fp8'")
         self.store = CollectionStore(store_url, storage_options)
         self.pinned = None
         if config.pin_cpus and not config.num_gpus:
@@ -131,7 +136,7 @@ class MemoryStage:
         out: list[dict | None] = [None] * len(rows)
         todo = []
         for i, row in enumerate(rows):
-            unit_id = unit_id_for(self.fingerprint, row["text"])
+            unit_id = unit_id_for(self.fingerprint, row["text"], self.storage_dtype)
             if self.store.has_unit(unit_id):
                 out[i] = self._found(row, unit_id)
             else:
@@ -182,7 +187,8 @@ class MemoryStage:
         if self.router.gist == "summary":
             header["gist"], header["gist_key"] = gist, self._gist_key()
         tensors.header = header
-        info = self.store.write_unit_memory(unit_id, tensors, storage_dtype=self.storage_dtype)
+        storage = None if self.storage_dtype == "keep" else self.storage_dtype
+        info = self.store.write_unit_memory(unit_id, tensors, storage_dtype=storage)
         return self._row(row, unit_id, raw_tokens, entries, info.sha256, info.nbytes, True,
                          seconds + time.perf_counter() - t0, gist)
 
@@ -194,7 +200,7 @@ class MemoryStage:
             "unit_id": unit_id, "pack_key": row["pack_key"], "text": row["text"], "n_tokens": row["n_tokens"],
             "members": row["members"], "doc_ids": list(row["doc_ids"]), "raw_tokens": raw_tokens,
             "entries": entries, "memory_sha256": sha, "memory_nbytes": nbytes,
-            "storage_dtype": self.storage_dtype or "keep", "memorized": memorized, "seconds": seconds,
+            "storage_dtype": self.storage_dtype, "memorized": memorized, "seconds": seconds,
             "gist": gist, "fingerprint": self.fingerprint, "model_id": self.memory.model_id,
             "model_revision": self.memory.model_revision,
         }

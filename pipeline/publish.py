@@ -50,6 +50,25 @@ class JobStats:
     memory_seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
+    def add_units(self, meta) -> None:
+        """Fill the per-unit counts from the job's per-unit metadata (an Arrow table of :data:`META_COLUMNS`, one
+        row per unit of the version): Arrow compute sums, no Python rows."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        def total(col) -> float:
+            return pc.sum(col).as_py() or 0
+
+        memorized = meta.column("memorized")
+        self.units = meta.num_rows
+        self.units_memorized = int(total(memorized.cast(pa.int64())))
+        self.units_cached = self.units - self.units_memorized
+        self.tokens = int(total(meta.column("n_tokens")))
+        self.tokens_memorized = int(total(pc.if_else(memorized, meta.column("n_tokens"), 0)))
+        self.units_embedded = int(total(meta.column("embedded").cast(pa.int64())))
+        self.memory_seconds = float(total(meta.column("seconds")))
+        self.chunks = int(total(meta.column("n_chunks")))
+
     @property
     def tokens_per_s(self) -> float:
         """Tokens memorized by this run per second of wall time."""
@@ -77,6 +96,40 @@ class JobStats:
         return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
 
 
+META_COLUMNS = ["unit_id", "n_tokens", "raw_tokens", "entries", "memory_sha256", "memory_nbytes", "storage_dtype",
+                "memorized", "embedded", "seconds", "chunks_path", "n_chunks", "fingerprint", "model_id",
+                "model_revision"]
+"""The embed-stage columns the driver keeps, per unit: small metadata, no unit text, gist or embedding."""
+
+
+def memorized_bytes(meta) -> int:
+    """Bytes of the unit memories this run wrote (the units of ``meta`` it memorized)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.if_else(meta.column("memorized"), meta.column("memory_nbytes"), 0)).as_py() or 0)
+
+
+def memorize_manifest(config, meta, stats: JobStats, *, dim: int, shards: list[int], n_train: int):
+    """The memorize job's manifest: ``config`` (a ``MemorizeJobConfig``), the per-unit metadata ``meta`` (Arrow,
+    :data:`META_COLUMNS`), the run's deterministic counts from ``stats``, the index layout."""
+    import pyarrow.compute as pc
+
+    from memorag_core.models import EMBEDDED_EMBEDDER
+
+    first = meta.slice(0, 1).to_pylist()[0]
+    ic = config.index
+    return build_manifest(
+        config_dump=config.model_dump(mode="json", by_alias=True), unit_rows=meta,
+        models={"memory": (first["model_id"], first["model_revision"]),
+                "embedder": (config.chunk_embed.embedder or EMBEDDED_EMBEDDER, None)},
+        stats={"documents": stats.documents, "quarantined": stats.quarantined,
+               "quarantine_reasons": stats.quarantine_reasons, "units": stats.units, "tokens": stats.tokens,
+               "chunks": stats.chunks, "memory_bytes": int(pc.sum(meta.column("memory_nbytes")).as_py() or 0)},
+        extra={"memory_fingerprint": first["fingerprint"], "dim": dim, "shards": shards,
+               "index": {"kind": ic.kind, "metric": ic.metric, "merged": ic.merge, "n_train": n_train},
+               "router": {"gist": config.router.gist}})
+
+
 def scrub_config(config_dump: dict) -> dict:
     """The job config for the manifest, with secrets (access tokens, storage keys) removed."""
     import copy
@@ -89,25 +142,40 @@ def scrub_config(config_dump: dict) -> dict:
     return d
 
 
-def build_manifest(*, config_dump: dict, unit_rows: list[dict], models: dict[str, tuple[str, str | None]],
+def build_manifest(*, config_dump: dict, unit_rows, models: dict[str, tuple[str, str | None]],
                    stats: dict[str, Any], extra: dict[str, Any]):
     """The :class:`memorag_core.store.Manifest` of a new version (files and ids are filled in by publish).
 
     Args:
         config_dump: the job config (``model_dump(by_alias=True)``); secrets are removed here.
         unit_rows: one dict per unit with ``unit_id, memory_sha256, memory_nbytes, storage_dtype, n_tokens,
-            raw_tokens, entries``.
+            raw_tokens, entries``, or an Arrow table with those columns.
         models: role -> (id, revision).
         stats: deterministic counts for the manifest.
         extra: index layout (shards, merged file, dims) and other job facts.
     """
     from memorag_core.store import Manifest, ModelRef
 
-    units = {
+    if not isinstance(unit_rows, list):  # an Arrow table: column by column, no intermediate row dicts
+        c = {k: unit_rows.column(k).to_pylist() for k in ("unit_id", "memory_sha256", "memory_nbytes",
+                                                          "storage_dtype", "n_tokens", "raw_tokens", "entries")}
+        ids = c["unit_id"]
+        units = {ids[i]: {"sha256": c["memory_sha256"][i], "nbytes": int(c["memory_nbytes"][i]),
+                          "storage_dtype": c["storage_dtype"][i], "n_tokens": int(c["n_tokens"][i]),
+                          "raw_tokens": int(c["raw_tokens"][i]), "entries": int(c["entries"][i])}
+                 for i in sorted(range(len(ids)), key=ids.__getitem__)}
+        del c, ids
+    else:
+        units = _unit_entries(unit_rows)
+    return Manifest(models={role: ModelRef(id=i, revision=rev) for role, (i, rev) in models.items()},
+                    config=scrub_config(config_dump), units=units, stats=stats, extra=extra)
+
+
+def _unit_entries(unit_rows: list[dict]) -> dict:
+    """``unit_id -> manifest entry`` from row dicts, sorted by id."""
+    return {
         r["unit_id"]: {"sha256": r["memory_sha256"], "nbytes": int(r["memory_nbytes"]),
                        "storage_dtype": r["storage_dtype"], "n_tokens": int(r["n_tokens"]),
                        "raw_tokens": int(r["raw_tokens"]), "entries": int(r["entries"])}
         for r in sorted(unit_rows, key=lambda r: r["unit_id"])
     }
-    return Manifest(models={role: ModelRef(id=i, revision=rev) for role, (i, rev) in models.items()},
-                    config=scrub_config(config_dump), units=units, stats=stats, extra=extra)

@@ -43,8 +43,9 @@ def _format_of(path: str) -> str | None:
     return None
 
 
-def list_corpus_files(config: CorpusConfig) -> tuple[str, Any, str, list[str]]:
-    """Find the corpus files: ``(format, fs, root_path, sorted file paths)``.
+def list_corpus_files(config: CorpusConfig, sizes: dict[str, int] | None = None) -> tuple[str, Any, str, list[str]]:
+    """Find the corpus files: ``(format, fs, root_path, sorted file paths)``; a folder costs one recursive listing
+    (S3: one request per 1,000 keys), whose sizes go into ``sizes`` (path -> bytes) when a dict is given.
 
     Raises:
         InvalidInputError: the URL does not exist, holds no readable file, or mixes formats.
@@ -53,11 +54,16 @@ def list_corpus_files(config: CorpusConfig) -> tuple[str, Any, str, list[str]]:
     if not fs.exists(root):
         raise InvalidInputError(f"corpus {config.url!r} does not exist")
     if fs.isdir(root):
-        files = sorted(p for p in fs.find(root) if _format_of(p) is not None
+        found = fs.find(root, detail=True)
+        files = sorted(p for p in found if _format_of(p) is not None
                        and not posixpath.basename(p).startswith((".", "_")))
+        if sizes is not None:
+            sizes.update({p: int(found[p].get("size") or 0) for p in files})
         base = root.rstrip("/")
     else:
         files = [root]
+        if sizes is not None:
+            sizes[root] = int(fs.size(root) or 0)
         base = posixpath.dirname(root)
     if config.format != "auto":
         files = [p for p in files if _format_of(p) == config.format] if len(files) > 1 or fs.isdir(root) else files
@@ -200,14 +206,20 @@ def read_corpus(config: CorpusConfig):
     filesystem = pafs.PyFileSystem(pafs.FSSpecHandler(fs))
     logger.info("reading %d %s file(s) from %s", len(files), fmt, config.url)
     if fmt == "parquet":
+        from concurrent.futures import ThreadPoolExecutor
+
         import pyarrow.parquet as pq
 
-        for path in files:
+        def names(path: str) -> list[str]:
             with fs.open(path, "rb") as fh:
-                names = pq.ParquetFile(fh).schema_arrow.names
-            if config.text_column not in names:
-                raise InvalidInputError(f"Parquet file {path!r} has no text column {config.text_column!r} "
-                                        f"(columns: {names})")
+                return pq.ParquetFile(fh).schema_arrow.names
+
+        # footers read concurrently (a few ranged GETs each), not one file after another
+        with ThreadPoolExecutor(max_workers=min(32, len(files))) as pool:
+            for path, cols in zip(files, pool.map(names, files)):
+                if config.text_column not in cols:
+                    raise InvalidInputError(f"Parquet file {path!r} has no text column {config.text_column!r} "
+                                            f"(columns: {cols})")
         ds = ray.data.read_parquet(files, filesystem=filesystem, include_paths=True)
         return ds.map_batches(ParquetToRows(base, config.text_column, config.id_column), batch_format="pyarrow")
     ds = ray.data.read_binary_files(files, filesystem=filesystem, include_paths=True)
@@ -221,8 +233,9 @@ def read_corpus(config: CorpusConfig):
 
 def corpus_nbytes(config: CorpusConfig) -> int:
     """Total size in bytes of the corpus files (what decides whether the job prepares it on the driver)."""
-    _, fs, _, files = list_corpus_files(config)
-    return int(sum(fs.size(p) or 0 for p in files))
+    sizes: dict[str, int] = {}
+    _, _, _, files = list_corpus_files(config, sizes)
+    return int(sum(sizes[p] for p in files))  # from the listing: no request per file
 
 
 def read_corpus_table(config: CorpusConfig) -> pa.Table:
@@ -254,6 +267,7 @@ def read_corpus_table(config: CorpusConfig) -> pa.Table:
               else TextFilesToRows(base))
         for k in range(0, len(files), 16):
             paths = files[k:k + 16]
-            out = fn({"bytes": [fs.cat_file(p) for p in paths], "path": paths})
+            data = fs.cat(paths) if len(paths) > 1 else {paths[0]: fs.cat_file(paths[0])}  # concurrent on S3
+            out = fn({"bytes": [data[p] for p in paths], "path": paths})
             tables.append(out if isinstance(out, pa.Table) else pa.Table.from_pydict(out, schema=RAW_SCHEMA))
     return pa.concat_tables(tables) if tables else RAW_SCHEMA.empty_table()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
@@ -145,3 +146,115 @@ class ReduceWorker:
 
     def ping(self) -> str:
         return json.dumps({"collection": self.collection, "version": self.version})
+
+
+@dataclass
+class SummarizeStats:
+    """What one summarize run did (printed as a table; ``--stats-json`` writes it as JSON)."""
+
+    collection: str = ""
+    source_version: str = ""
+    summaries_version: str = ""
+    nothing_to_do: bool = False
+    generator: str = ""
+    units: int = 0
+    units_summarized: int = 0
+    units_cached: int = 0
+    units_skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    documents: int = 0
+    reduce_steps: int = 0
+    reduce_cached: int = 0
+    input_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    location: str = ""
+
+    @property
+    def summaries_per_minute(self) -> float:
+        """Summaries (unit and reduce) written by this run per minute of wall time."""
+        n = self.units_summarized + self.reduce_steps
+        return 60.0 * n / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "summaries_per_minute": round(self.summaries_per_minute, 2)}
+
+    def table(self) -> str:
+        rows = [
+            ("collection", f"{self.collection} @ {self.source_version}"),
+            ("summaries", self.summaries_version or "(none published)"),
+            ("generator", self.generator),
+            ("units", f"{self.units:,} ({self.units_summarized:,} summarized, {self.units_cached:,} cached, "
+                      f"{self.units_skipped:,} skipped)" + (f"  {self.skip_reasons}" if self.skip_reasons else "")),
+            ("documents", f"{self.documents:,} multi-unit document summaries"),
+            ("reduce steps", f"{self.reduce_steps:,} computed, {self.reduce_cached:,} cached"),
+            ("tokens", f"{self.input_tokens:,} unit tokens read, {self.generated_tokens:,} generated"),
+            ("wall time", f"{self.seconds:,.1f} s"),
+            ("summaries/min", f"{self.summaries_per_minute:,.1f}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        line = "-" * (width + 3 + max(len(v) for _, v in rows))
+        return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+
+
+def run_reduce(ctor: tuple, pending: list, texts: dict, failed: set, stats: SummarizeStats, *, concurrency: int,
+               batch_size: int, num_cpus: float, num_gpus: float) -> int:
+    """Compute the reduce nodes ``pending`` in dependent waves on ``concurrency`` :class:`ReduceWorker` actors
+    (built with ``ctor``; Ray must be initialized). ``texts`` (key -> (summary, language)) gains every computed
+    node; ``failed`` gains the keys of failed nodes and of nodes with a failed input. Returns nodes computed."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from memorag_core.query.summarize import majority_language
+
+    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(ReduceWorker)
+    actors = [remote.remote(*ctor) for _ in range(concurrency)]
+    pool = ActorPool(actors)
+    done = 0
+    bar = tqdm(total=len(pending), desc="reduce", unit="summary", disable=None)
+    try:
+        while pending:
+            ready = [n for n in pending if all(i in texts for i in n.inputs)]
+            blocked = [n for n in pending if any(i in failed for i in n.inputs)]
+            for n in blocked:
+                failed.add(n.key)
+            if not ready:
+                break
+            batches = [ready[i:i + batch_size] for i in range(0, len(ready), batch_size)]
+            payloads = [[{"key": n.key, "inputs": n.inputs, "texts": [texts[i][0] for i in n.inputs],
+                          "language": majority_language([texts[i][1] for i in n.inputs]), "tree": n.tree} for n in b]
+                        for b in batches]
+            langs = {n.key: majority_language([texts[i][1] for i in n.inputs]) for n in ready}
+            for results in pool.map_unordered(lambda a, p: a.reduce.remote(p), payloads):
+                for r in results:
+                    if r["error"]:
+                        failed.add(r["key"])
+                        logger.warning("reduce step %s failed: %s", r["key"][:12], r["error"])
+                    else:
+                        texts[r["key"]] = (r["summary"], langs[r["key"]])
+                        stats.generated_tokens += int(r["generated_tokens"])
+                        done += 1
+                    bar.update(1)
+            pending = [n for n in pending if n.key not in texts and n.key not in failed]
+    finally:
+        bar.close()
+        for a in actors:
+            ray.kill(a)
+    return done
+
+
+def run_unit_summaries(rows: list[dict], ctor: tuple, *, concurrency: int, batch_size: int, num_cpus: float,
+                       num_gpus: float) -> list[dict]:
+    """Summarize units ``rows`` (``{unit_id, key}``) on a pool of :class:`UnitSummaryStage` actors built with
+    ``ctor`` (Ray must be initialized); each actor stages its summaries as it goes. Returns the stage's output rows
+    (``ok``, ``error``, ``detail``, ``generated_tokens`` per unit)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    blocks = max(1, min(len(rows), -(-len(rows) // batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        UnitSummaryStage, fn_constructor_args=ctor,
+        compute=ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
+        batch_size=batch_size, num_cpus=num_cpus, num_gpus=num_gpus, batch_format="pyarrow")
+    return ds.take_all()

@@ -2,7 +2,8 @@
 
 A row is quarantined when it is malformed (set by the reader), not UTF-8, binary (a NUL byte, or more than
 ``max_control_ratio`` control characters), empty (only whitespace), or over-long (more than ``max_chars``
-characters). Duplicate doc ids are found later, on the driver, where all ids are seen (:func:`split_duplicates`).
+characters). Duplicate doc ids are found later, on the driver, where all ids are seen (:func:`triage`, then
+:class:`KeepRows` filters the kept copies and :func:`quarantine_table` writes the rest).
 The stage never raises on data: every input row comes out either ``ok`` or with a ``reason``.
 
 Output columns, ``VALIDATED_SCHEMA``: ``doc_id``, ``text`` (decoded, ``""`` when quarantined), ``source``,
@@ -101,3 +102,45 @@ def reason_code(reason: str) -> str:
         if reason.startswith(prefix):
             return code
     return "invalid"
+
+
+def triage(meta: list[dict]) -> tuple[list[dict], dict[str, list[tuple]], dict[str, tuple]]:
+    """Split validated row metadata into quarantined rows, valid copies per doc id, and the kept copy of every
+    duplicated id (the first by source and position; the other copies are quarantined as duplicates)."""
+    bad = [r for r in meta if r["reason"]]
+    by_id: dict[str, list[tuple]] = {}
+    for r in meta:
+        if not r["reason"]:
+            by_id.setdefault(r["doc_id"], []).append((r["source"], r["position"], r["sha256"]))
+    kept: dict[str, tuple] = {}
+    for doc_id, copies in by_id.items():
+        if len(copies) > 1:
+            copies.sort()
+            kept[doc_id] = copies[0]
+            bad.extend({"doc_id": doc_id, "source": s, "position": p, "reason": f"duplicate doc_id {doc_id!r} "
+                        f"(kept {copies[0][0]}:{copies[0][1]})"} for s, p, _ in copies[1:])
+    return bad, by_id, kept
+
+
+class KeepRows:
+    """Filter fn: valid rows that are the kept copy of their doc id (duplicates are quarantined)."""
+
+    def __init__(self, kept: dict[str, tuple]):
+        self.kept = kept
+
+    def __call__(self, row: dict) -> bool:
+        if row["reason"]:
+            return False
+        k = self.kept.get(row["doc_id"])
+        return k is None or k == (row["source"], row["position"], row["sha256"])
+
+
+def quarantine_table(bad: list[dict]) -> pa.Table:
+    """The ``quarantine`` table (``doc_id, source, reason`` code, ``detail``) of quarantined rows, sorted."""
+    bad = sorted(bad, key=lambda r: (r["source"], r["position"], r["doc_id"] or "", r["reason"]))
+    return pa.table({
+        "doc_id": pa.array([r["doc_id"] or None for r in bad], pa.string()),
+        "source": pa.array([f"{r['source']}:{r['position']}" if r["position"] else r["source"] for r in bad]),
+        "reason": pa.array([reason_code(r["reason"]) for r in bad], pa.string()),
+        "detail": pa.array([r["reason"] for r in bad], pa.string()),
+    })

@@ -283,3 +283,85 @@ def plan_reduce(items: list[str], tree: str, settings_key: str, fan_in: int) -> 
     if nodes and nodes[-1].key == current[0]:
         nodes[-1].root_of = tree
     return current[0], nodes
+
+
+@dataclass
+class UnitMeta:
+    """A unit of a collection version as the bulk summarizer plans it: id, documents, start offset in its first
+    document (None: not a piece of a split document), tokens. ``order`` is reading order."""
+
+    unit_id: str
+    doc_ids: list[str]
+    start: int | None
+    n_tokens: int
+
+    @property
+    def order(self) -> tuple:
+        return (self.doc_ids[0] if self.doc_ids else "", self.start if self.start is not None else 1 << 62,
+                self.unit_id)
+
+
+def read_units(reader) -> list[UnitMeta]:
+    """The units of a collection version (its ``units/*.parquet`` tables: id, documents, start offset, tokens,
+    never their text), in reading order; a unit the manifest lists without a table row is still returned."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    out = []
+    for rel in reader.files("units/"):
+        if not rel.endswith(".parquet"):
+            continue
+        t = pq.read_table(io.BytesIO(reader.read_bytes(rel)), columns=["unit_id", "doc_ids", "start", "n_tokens"])
+        out += [UnitMeta(r["unit_id"], list(r["doc_ids"] or []), r["start"], int(r["n_tokens"] or 0))
+                for r in t.to_pylist()]
+    known = set(reader.manifest.units)
+    missing = known - {u.unit_id for u in out}
+    out += [UnitMeta(u, [], None, 0) for u in sorted(missing)]  # no units table: still summarized, unordered
+    return sorted([u for u in out if u.unit_id in known], key=lambda u: u.order)
+
+
+def majority_language(langs: list[str]) -> str:
+    """The most common language code of ``langs`` (``en`` for none)."""
+    from collections import Counter
+
+    return Counter(langs).most_common(1)[0][0] if langs else "en"
+
+
+def plan_summaries(units: list[UnitMeta], keys: dict[str, str], done: set[str], settings_key: str, fan_in: int):
+    """The reduce plan of one summarize run: ``(multi, doc_roots, coll_root, nodes)``.
+
+    Args:
+        units: the version's units in reading order. keys: unit id -> its unit summary's content key.
+        done: the content keys whose summary exists (unit summaries staged; a unit without one is left out of
+            every reduce). settings_key: the content key of the reduce settings. fan_in: most inputs per node.
+
+    Returns:
+        ``multi``: doc id -> its units (by start offset) for documents spanning several units; ``doc_roots``:
+        doc id -> the root key of its reduce tree (a document with one summarized unit: that unit's key);
+        ``coll_root``: the collection tree's root key (None: nothing summarized); ``nodes``: key -> ReduceNode,
+        every node of every tree, deduplicated.
+    """
+    by_doc: dict[str, list[UnitMeta]] = {}
+    for u in units:
+        for d in u.doc_ids:
+            by_doc.setdefault(d, []).append(u)
+    multi = {d: sorted(us, key=lambda u: (u.start if u.start is not None else 1 << 62, u.unit_id))
+             for d, us in by_doc.items() if len(us) > 1}
+    nodes, doc_roots = [], {}
+    for d in sorted(multi):
+        root, ns = plan_reduce([keys[u.unit_id] for u in multi[d] if keys[u.unit_id] in done], f"document:{d}",
+                               settings_key, fan_in)
+        if root is not None:
+            doc_roots[d] = root
+            nodes += ns
+    covered = {u.unit_id for us in multi.values() for u in us}
+    good = [u for u in units if keys[u.unit_id] in done]
+    entries = sorted([((d,), doc_roots[d]) for d in doc_roots]
+                     + [(u.order, keys[u.unit_id]) for u in good if u.unit_id not in covered])
+    coll_root, ns = plan_reduce([k for _, k in entries], "collection", settings_key, fan_in)
+    nodes += ns
+    node_map: dict[str, ReduceNode] = {}
+    for n in nodes:
+        node_map.setdefault(n.key, n)
+    return multi, doc_roots, coll_root, node_map

@@ -238,6 +238,34 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 4, base_dela
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def modified_ts(info: dict) -> float | None:
+    """The modification time (POSIX seconds) in an fsspec ``info``/``find(detail=True)`` entry: ``mtime`` for local
+    files, ``LastModified`` for S3 objects; None when the backend gives neither (a "directory" entry)."""
+    t = info.get("mtime")
+    if t is not None:
+        return float(t)
+    t = info.get("LastModified") or info.get("last_modified")
+    if t is None:
+        return None
+    if hasattr(t, "timestamp"):
+        if getattr(t, "tzinfo", None) is None:
+            from datetime import timezone
+
+            t = t.replace(tzinfo=timezone.utc)
+        return float(t.timestamp())
+    return float(t)
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str, *, what: str) -> dict[str, dict]:
+    """Every file under ``path`` (recursively) -> its info (size, time), in one listing per page (S3: a
+    ``ListObjectsV2`` walk of 1,000 keys per request, not a request per file). Missing folder: ``{}``."""
+    try:
+        found = with_retries(lambda: fs.find(path, detail=True), what=what)
+    except ArtifactNotFoundError:
+        return {}
+    return {p: i for p, i in found.items() if i.get("type", "file") == "file"}
+
+
 def sha256_hex(data: bytes | memoryview) -> str:
     """Hex sha256 of a bytes-like object."""
     return hashlib.sha256(data).hexdigest()
@@ -267,6 +295,46 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, attem
         with_retries(_local, what=what, attempts=1)
         return
     with_retries(lambda: fs.pipe_file(path, data), what=what, attempts=attempts)
+
+
+def write_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, attempts: int = 4) -> bool:
+    """Create ``path`` with ``data`` only if no object is there, atomically; True when this call created it.
+
+    Local: a temporary file, fsync, then ``os.link`` to the final name (the kernel refuses an existing name, so of
+    two racing writers exactly one wins, and a reader never sees a partial file). S3: a PUT with
+    ``If-None-Match: *`` (s3fs ``mode="create"``), which the server answers 412 when the object exists. A retry
+    after a lost response sees its own object and answers False.
+    """
+    what = f"create {url_of(fs, path)}"
+    if is_local(fs):
+        def _local() -> bool:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                return True
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return with_retries(_local, what=what, attempts=1)
+
+    def _s3() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except Exception as exc:  # noqa: BLE001 - a failed precondition means the object exists
+            if any(isinstance(e, FileExistsError) or _error_code(e) in ("PreconditionFailed", "412")
+                   or "PreconditionFailed" in str(e) for e in _chain(exc)):
+                return False
+            raise
+        return True
+    return with_retries(_s3, what=what, attempts=attempts)
 
 
 def read_all(fs: fsspec.AbstractFileSystem, path: str, *, attempts: int = 4,

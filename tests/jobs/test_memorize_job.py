@@ -132,6 +132,60 @@ def test_memorize_job_publishes_collection(baseline):
     assert router.route(qv, k=1)[0][0] == gist_row["unit_id"]
 
 
+def test_units_are_8_bit_and_the_collection_answers(baseline):
+    """The job's default storage is int8 (memory_stage.storage_dtype): every published unit file holds 8-bit K/V,
+    and the query engine loads them (dequantized) and answers from them."""
+    from memorag_core.query import QueryEngine, QueryRequest
+    from pipeline.memory_stage import read_safetensors_metadata
+
+    store = CollectionStore(baseline.store)
+    m = store.open_version("books").manifest
+    assert m.config["memory_stage"]["storage_dtype"] == "int8"
+    assert {u["storage_dtype"] for u in m.units.values()} == {"int8"}
+    for uid in m.units:
+        data = (Path(baseline.store) / "units" / uid / "memory.safetensors").read_bytes()
+        assert json.loads(read_safetensors_metadata(data)["memorag"])["storage_dtype"] == "int8"
+        n = int.from_bytes(data[:8], "little")
+        kv = {k: v["dtype"] for k, v in json.loads(data[8:8 + n]).items() if k.endswith((".key", ".value"))}
+        assert set(kv.values()) == {"I8"}
+    engine = QueryEngine(baseline.store, refresh_s=0.0, device="cpu")
+    r = engine.query("books", QueryRequest(query="What is in the lighthouse?", units=2, max_new_tokens=4,
+                                           clue_max_new_tokens=4, top_k=2))
+    assert r.version == baseline.stats.version and len(r.units) == 2 and len(r.clues) == 2
+    assert r.evidence and isinstance(r.answer, str) and r.answer.strip()
+
+
+def test_gc_in_the_middle_of_the_job(ray_local, tmp_path, tiny_lm_dir, monkeypatch):
+    """A gc with no age margin runs while the job is about to publish (every unit, staged table and version file
+    written, none listed by a manifest yet): the job's lease keeps them, the job publishes, the collection loads
+    and answers; after the job, gc keeps what the live version uses."""
+    from memorag_core.query import QueryEngine, QueryRequest
+    from memorag_core.store.collection import VersionWriter
+
+    corpus = write_jsonl_corpus(tmp_path / "c.jsonl", list(range(6)))
+    store_url = str(tmp_path / "store")
+    reports = []
+    publish = VersionWriter.publish
+
+    def gc_then_publish(self, manifest, **kw):
+        reports.append(self.store.gc(self.collection, keep_last=1, min_age_s=0))
+        return publish(self, manifest, **kw)
+
+    monkeypatch.setattr(VersionWriter, "publish", gc_then_publish)
+    stats = run_memorize_job(job_config(corpus, store_url, tiny_lm_dir))
+    (report,) = reports
+    assert report.deferred and "memorize" in report.deferred
+    assert report.removed_versions == report.removed_units == report.removed_staging == []
+    store = CollectionStore(store_url)
+    assert store.current_version("books") == stats.version and store.job_leases() == []
+    r = QueryEngine(store_url, refresh_s=0.0, device="cpu").query(
+        "books", QueryRequest(query="What is in the orchard?", units=1, max_new_tokens=4, clue_max_new_tokens=4,
+                              top_k=2))
+    assert r.version == stats.version and r.evidence and r.answer.strip()
+    after = store.gc("books", keep_last=1, min_age_s=0)
+    assert after.deferred is None and after.removed_units == [] and after.removed_staging == []
+
+
 def test_incremental_add_and_remove(baseline, tmp_path, tiny_lm_dir):
     """Into the baseline's store (whose units are all memorized): collection ``inc`` gets the baseline corpus plus
     three documents, then loses five."""
@@ -251,8 +305,9 @@ def test_bad_config_and_cli_flags(tmp_path, capsys):
 
     flags = parse_flags(MemorizeJobFlags, ["--corpus", "c.jsonl", "--collection", "x", "--store", str(tmp_path),
                                            "--actors", "2", "--actor-cpus", "0.5", "--gist", "cheap",
-                                           "--local-prepare-bytes", "0", "--pin-cpus"])
+                                           "--local-prepare-bytes", "0", "--pin-cpus", "--storage-dtype", "fp8"])
     cfg = flags.to_config()
+    assert cfg.memory_stage.storage_dtype == "fp8"
     assert cfg.memory_stage.concurrency == 2 and cfg.memory_stage.num_cpus == 0.5 and cfg.router.gist == "cheap"
     assert cfg.memory_stage.pin_cpus and cfg.memory_stage.max_tasks_in_flight == 1
     assert cfg.local_prepare_bytes == 0

@@ -197,6 +197,66 @@ def test_bad_units_are_reported_and_skipped(books, tmp_path):
     assert retried.units_summarized == 0 and retried.units_cached == len(units) - 2 and retried.units_skipped == 2
 
 
+@pytest.mark.slow  # a memorize run and two or three summarize runs: ~1 min on an idle 2-core VM
+def test_a_document_that_changes_under_the_same_id(books, tmp_path, tiny_lm_dir):
+    """``saga`` keeps its id, its text changes: the next run summarizes only its new units, the document row lists
+    exactly the new version's units of ``saga`` (all of them reduced), and the old row is not served for them."""
+    from jobs.memorize import run_memorize_job
+    from memorag_core.query import CollectionCatalog
+
+    store = copy_store(books, tmp_path / "store")
+    run_summarize_job(job_config(store))
+    first = SummaryStore(store).open("books")
+    (old_row,) = first.documents.to_pylist()
+    units1 = set(CollectionStore(store).read_manifest("books").units)
+    saga2 = SAGA[: len(SAGA) // 2] + " " + " ".join(doc_text(k, words=30) for k in range(40, 46))
+    corpus = write_facts_corpus(tmp_path / "c2.jsonl", extra={"saga": saga2})
+    run_memorize_job(facts_job_config(corpus, store, str(tiny_lm_dir), collection="books"))
+    units2 = set(CollectionStore(store).read_manifest("books").units)
+    assert units2 - units1 and units1 & units2  # saga's first half kept its units
+    second = run_summarize_job(job_config(store))
+    assert second.units_summarized == len(units2 - units1) and second.units_cached == len(units1 & units2)
+    stored = SummaryStore(store).open("books")
+    (row,) = stored.documents.to_pylist()
+    view = CollectionCatalog(store).view("books")
+    new_saga = view.units_of_doc("saga")
+    assert row["doc_id"] == "saga" and sorted(row["unit_ids"]) == sorted(new_saga) != sorted(old_row["unit_ids"])
+    assert row["key"] != old_row["key"] and row["summary"]
+    assert stored.document_summary("saga", new_saga, view.unit_docs) == row["summary"]
+    assert first.document_summary("saga", new_saga, view.unit_docs) is None  # the old row is stale
+
+
+@pytest.mark.slow  # a memorize run and two or three summarize runs: ~1 min on an idle 2-core VM
+def test_a_failed_reduce_is_retried_by_the_next_run(books, tmp_path):
+    """A live summaries version whose collection reduce failed (no collection row, nothing staged for it) is not
+    "current": the next run recomputes only that reduce step and publishes the collection summary."""
+    from memorag_core.store import Manifest
+
+    store = copy_store(books, tmp_path / "store")
+    run_summarize_job(job_config(store))
+    summaries = SummaryStore(store)
+    good = summaries.open("books")
+    root = good.collection.column("key")[0].as_py()
+    # the state a failed collection reduce leaves: the same tables without the collection row, failed_reduce set
+    (Path(store) / "summaries" / "staging" / "reduce" / f"{root}.json").unlink()
+    w = summaries.new_version("books")
+    w.write_table("summaries", "units", good.units)
+    w.write_table("summaries", "documents", good.documents)
+    w.write_table("summaries", "collection", good.collection.slice(0, 0))
+    w.write_bytes("report.md", b"# Summaries\n")
+    m = good.reader.manifest
+    w.publish(Manifest(models=m.models, config=m.config, stats=m.stats,
+                       extra={**good.extra, "failed_reduce": [root], "staged_keys": [
+                           k for k in good.extra["staged_keys"] if k != root]}))
+    assert summaries.open("books").collection.num_rows == 0
+    healed = run_summarize_job(job_config(store))
+    assert not healed.nothing_to_do and healed.units_summarized == 0 and healed.reduce_steps == 1
+    stored = summaries.open("books")
+    assert stored.collection.num_rows == 1 and stored.collection.column("key")[0].as_py() == root
+    assert stored.extra["failed_reduce"] == []
+    assert run_summarize_job(job_config(store)).nothing_to_do  # complete now
+
+
 def _settled(store: str, quiet_s: float = 3.0, timeout: float = 60.0) -> int:
     last, since, deadline = len(staged_unit_files(store)), time.time(), time.time() + timeout
     while time.time() < deadline:
@@ -294,10 +354,13 @@ def test_generator_auto_picks_vllm_only_where_it_runs(tiny_lm_dir, embedded_lm_d
 
     ref = ModelRef(id="m", revision="r")
     # the tiny model's head_dim (16) is not one vLLM's CPU backend supports: transformers on the memory model
-    assert resolve_generator("auto", {"model": str(tiny_lm_dir)}, ref) == (None, "m", ["memory", "m", "r"])
+    assert resolve_generator("auto", {"model": str(tiny_lm_dir)}, ref) == (None, "m", ["model", "m", "r"])
     spec, name, ident = resolve_generator("auto", {"model": None}, ref)  # embedded SmolLM2: head_dim 64
     if importlib.util.find_spec("vllm") is not None:
-        assert (spec, name, ident) == ("vllm:", "vllm:m", ["vllm", "m", "r"])
+        assert (spec, name) == ("vllm:", "vllm:m")
     else:
         assert spec is None
+    # the content-key identity is the concrete model, whichever engine auto picked on this machine
+    assert ident == ["model", "m", "r"] == resolve_generator("memory", {}, ref)[2] == \
+        resolve_generator("vllm:", {}, ref)[2]
     assert resolve_generator("hf:/x", {}, ref) == ("hf:/x", "hf:/x", ["spec", "hf:/x"])

@@ -101,7 +101,24 @@ def test_gc_keeps_what_live_summaries_use(tmp_path):
     dry = s.gc("c", keep_last=1, min_age_s=0, dry_run=True)  # what would go; nothing goes
     assert s.staged_keys("units") == sorted([old, new]) and len(s.versions.list_versions("c")) == 2
     report = s.gc("c", keep_last=1, min_age_s=0)
-    assert report == dry and report["freed_bytes"] > 0
+    assert report == dry and report["freed_bytes"] > 0 and report["deferred"] is None
     assert {k: report[k] for k in ("removed_versions", "removed_staged", "versions", "staged")} == {
         "removed_versions": 1, "removed_staged": 1, "versions": [first], "staged": [f"units/{old}"]}
     assert s.staged_keys("units") == [new] and len(s.versions.list_versions("c")) == 1
+
+
+def test_summaries_with_a_failed_reduce_are_not_current():
+    """The job's "nothing to do" check: a version whose reduce failed is retried by the next run."""
+    from types import SimpleNamespace
+
+    from memorag_core.store.summaries import summaries_current
+
+    def version(**extra):
+        return SimpleNamespace(extra={"run_key": "r", **extra}, source_units_sha256="d")
+
+    assert summaries_current(version(), "r", "d")
+    assert not summaries_current(None, "r", "d")
+    assert not summaries_current(version(), "other settings", "d") and not summaries_current(version(), "r", "x")
+    assert not summaries_current(version(failed_reduce=["k"]), "r", "d")
+    assert summaries_current(version(skipped={"u": "missing_memory"}), "r", "d")
+    assert not summaries_current(version(skipped={"u": "missing_memory"}), "r", "d", retry_skipped=True)
