@@ -72,3 +72,8 @@ class UnsupportedModelError(MemoRAGError, ValueError):
     softcapping, sliding-window layers shorter than the memory, no rotary embedding to re-rotate kept keys).
     Raised when the memory is built (or, for limits that depend on the memory's size, before it would be
     exceeded); the message names what is missing."""
+
+
+class HeadSetMismatchError(ArtifactError):
+    """An attention head set (re-ranking) was chosen for another model's architecture, names heads the model does
+    not have, or none ships for the model: choose heads for it with ``python -m jobs.select_heads``."""

@@ -98,12 +98,16 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
     probs = (lg - lse[..., None]).exp().view(b, kv_heads, group, obs, k_len - start)
     if weight is not None:
         probs = probs * weight[:, None, None, :, None]
-    capture["scores"][module.layer_idx] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, k_len - start)
+    if capture.get("per_head"):  # query head h reads KV head h // group (kv-major, as transformers' repeat_kv)
+        capture["scores"][module.layer_idx] = probs.sum(dim=3).reshape(b, heads, k_len - start)  # (b, heads, k)
+    else:
+        capture["scores"][module.layer_idx] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, k_len - start)
 
 
 @contextlib.contextmanager
 def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
-                   mem_lens: torch.Tensor | None = None, sample: int = 0) -> Iterator[dict[int, torch.Tensor]]:
+                   mem_lens: torch.Tensor | None = None, sample: int = 0,
+                   per_head: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, every ``memorag_sdpa`` call stores its layer's scores into the yielded dict.
 
     Args:
@@ -113,10 +117,12 @@ def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
         mem_lens: (b,) valid memory entries per row before the window (None: all; the rest is padding).
         sample: when 0 < sample < obs, only ``sample`` of the observed queries, spread evenly over them, are
             summed (the cost of ``sample`` queries with the coverage of ``obs``).
+        per_head: record each query head, (b, heads, k), instead of the mean over the query heads of each KV
+            head, (b, kv_heads, k) (attention re-ranking reads single heads).
     """
     scores: dict[int, torch.Tensor] = {}
     _state.capture = {"obs": obs, "scores": scores, "start": start, "rows": rows, "mem_lens": mem_lens,
-                      "sample": sample}
+                      "sample": sample, "per_head": per_head}
     try:
         yield scores
     finally:
