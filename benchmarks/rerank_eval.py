@@ -91,7 +91,7 @@ def cache(args) -> None:
             prefix = memory
         order = reading_order(dense)
         t = time.perf_counter()
-        reading = reranker.read(ex.question, [lines[i] for i in order], prefix)
+        reading = reranker.read(ex.question, [lines[i] for i in order], prefix, args.layers)
         sec["rerank"] = time.perf_counter() - t
         sec.update(reading.seconds)
         head_scores = np.empty_like(reading.head_scores)  # (L*H, n) back in candidate order
@@ -108,11 +108,199 @@ def cache(args) -> None:
         logger.info("%s %s", ex.id, {k: round(v, 2) for k, v in sec.items()})
 
 
-def report(args) -> None:
-    raise NotImplementedError
-
-
 # -- report --------------------------------------------------------------------------------------------------------
+class Q:
+    """One cached question: dense scores, per-head readings and embeddings (arrays in candidate order)."""
+
+    def __init__(self, folder: Path, rec: dict) -> None:
+        z = np.load(folder / "q" / f"{rec['id']}.npz")
+        self.id, self.question, self.titles, self.lines = rec["id"], rec["question"], rec["titles"], rec["lines"]
+        self.gold = np.array([t in rec["gold"] for t in self.titles])  # (n,)
+        self.n_gold = len(set(rec["gold"]))
+        self.dense, self.head_scores = z["dense"].astype(np.float64), z["head_scores"]  # (n,), (L*H, n)
+        self.pvecs, self.qvec = z["pvecs"], z["qvec"]  # (n, 384), (384,)
+        self.seconds, self.per_layer = rec["seconds"], rec["heads_per_layer"]
+        self._z = z
+
+    def reading(self):
+        from memorag_core.retrieval.rerank import Reading
+
+        z = self._z
+        return Reading(self.head_scores, z["token_scores"].astype(np.float32), z["token_candidate"],
+                       z["token_chars"], self.per_layer, {})
+
+
+def load_cache(folders: list[str]) -> list[Q]:
+    out: dict[str, Q] = {}
+    for folder in folders:
+        path = Path(folder) / "records.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            if line.strip():
+                rec = json.loads(line)
+                out.setdefault(rec["id"], Q(Path(folder), rec))
+    return list(out.values())
+
+
+def recall(q: Q, scores: np.ndarray, k: int) -> float:
+    from memorag_core.retrieval.rerank import recall_at
+
+    return float(recall_at(np.asarray(scores, dtype=np.float64), q.gold, k, q.n_gold))
+
+
+def fused_scores(q: Q, att: np.ndarray | None, weight: float, gate: float, bridge: np.ndarray | None = None,
+                 bridge_weight: float = 0.0) -> np.ndarray:
+    """(n,) a score per candidate whose order is the library fusion's (interpolation of dense, attention, bridge)."""
+    from memorag_core.retrieval.fusion import FusionConfig, Ranking, fuse
+    from memorag_core.retrieval.rerank import attention_confidence
+
+    n = len(q.dense)
+    keys = list(range(n))
+    rankings = [Ranking("question", q.question, keys, q.dense.tolist())]
+    if att is not None:
+        rankings.append(Ranking("attention", q.question, keys, att.tolist(), confidence=attention_confidence(att)))
+    if bridge is not None:
+        rankings.append(Ranking("bridge", "bridge", keys, bridge.tolist()))
+    cfg = FusionConfig(method="interpolate", gate=gate, question_floor=0,
+                       weights={"question": 1.0, "attention": weight, "bridge": bridge_weight})
+    out = np.zeros(n)
+    for rank, f in enumerate(fuse(rankings, cfg)):
+        out[f.key] = n - rank
+    return out
+
+
+def prf_scores(q: Q, alpha: float) -> np.ndarray:
+    """Dense pseudo-relevance feedback (Rocchio, no model): the question's vector moved toward its top passage's."""
+    v = q.qvec + alpha * q.pvecs[int(np.argmax(q.dense))]
+    return q.pvecs @ (v / np.linalg.norm(v))
+
+
+def mean_r(qs: list[Q], score_fn, k: int) -> float:
+    return 100.0 * float(np.mean([recall(q, score_fn(q), k) for q in qs])) if qs else float("nan")
+
+
+def report(args) -> None:
+    from memorag_core.retrieval.embedders import load_embedder
+    from memorag_core.retrieval.rerank import HeadSet, bridge_span, rank_heads, select_heads
+
+    dev, held = load_cache(args.dev), load_cache(args.held)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("dev %d questions, held-out %d", len(dev), len(held))
+    per_layer = dev[0].per_layer
+    if args.max_layers:  # rows are layer-major: keep the first N layers' heads only
+        for q in dev + held:
+            q.head_scores = q.head_scores[: args.max_layers * per_layer]
+    hs = select_heads([q.head_scores for q in dev], [q.gold for q in dev], heads_per_layer=per_layer,
+                      fingerprint=args.fingerprint, model="SmolLM2-135M-Instruct (embedded)",
+                      n_golds=[q.n_gold for q in dev],
+                      meta={"dataset": "hotpotqa_dev_300.jsonl", "calibration": f"1-{len(dev)} (dev)",
+                            "prompt": "Passages: [title] text lines weakest-first by dense score, then the "
+                                      "instruction and Query: <question>; minus Query: N/A"})
+    hs.save(out / "heads.json")
+    count = len(hs.heads)
+    rows_final = [a * per_layer + b for a, b in hs.heads]
+    # out-of-fold heads on dev (ranked on the other half, same count): every dev tuning below uses these
+    halves = [list(range(0, len(dev), 2)), list(range(1, len(dev), 2))]
+    oof_rows: dict[str, list[int]] = {}
+    for fit, test in (halves, halves[::-1]):
+        order = rank_heads([dev[i].head_scores for i in fit], [dev[i].gold for i in fit], 3,
+                           [dev[i].n_gold for i in fit])
+        for i in test:
+            oof_rows[dev[i].id] = [int(r) for r in order[:count]]
+    rows_of = {q.id: oof_rows[q.id] for q in dev}
+    rows_of.update({q.id: rows_final for q in held})
+
+    def att(q: Q, rows=None) -> np.ndarray:
+        return q.head_scores[rows if rows is not None else rows_of[q.id]].sum(axis=0).astype(np.float64)
+
+    # tuning on dev (out-of-fold attention)
+    alphas = (0.1, 0.25, 0.5, 1.0)
+    alpha = max(alphas, key=lambda a: (mean_r(dev, lambda q: prf_scores(q, a), 3), mean_r(dev, lambda q: prf_scores(q, a), 5)))
+    lambdas = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    gates = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+    grid = {(lam, g): (mean_r(dev, lambda q: fused_scores(q, att(q), lam, g), 3),
+                       mean_r(dev, lambda q: fused_scores(q, att(q), lam, g), 5)) for lam in lambdas for g in gates}
+    lam0 = max(lambdas, key=lambda lam: (*grid[(lam, 0.0)], -lam))
+    lam_g, gate = max(grid, key=lambda lg: (*grid[lg], -lg[1], -lg[0]))
+    embedder = load_embedder(None)
+    span_cache: dict[str, np.ndarray] = {}
+
+    def bridge_scores(q: Q, width: int, slots: int) -> tuple[np.ndarray, str]:
+        base = fused_scores(q, att(q), lam_g, gate)
+        top = [int(i) for i in np.argsort(-base, kind="stable")[:slots]]
+        heads = [(r // q.per_layer, r % q.per_layer) for r in rows_of[q.id]]
+        span = bridge_span(q.reading(), q.lines, top, heads, width)
+        text = f"{q.question} {span}".strip()
+        if text not in span_cache:
+            span_cache[text] = embedder.encode([text], is_query=True)[0]
+        return q.pvecs @ span_cache[text], span
+
+    t = time.perf_counter()
+    bgrid = {}
+    for width in (2, 4, 8):
+        for slots in (1, 2):
+            bs = {q.id: bridge_scores(q, width, slots)[0] for q in dev}
+            for bw in (0.25, 0.5, 1.0):
+                fn = lambda q: fused_scores(q, att(q), lam_g, gate, bs[q.id], bw)  # noqa: E731
+                bgrid[(width, slots, bw)] = (mean_r(dev, fn, 3), mean_r(dev, fn, 5))
+    width, slots, bw = max(bgrid, key=lambda p: (*bgrid[p], -p[2]))
+    logger.info("bridge grid %.1f s", time.perf_counter() - t)
+    t = time.perf_counter()
+    sample = dev[: min(20, len(dev))]
+    for q in sample:
+        span_cache.clear()
+        bridge_scores(q, width, slots)
+    bridge_s = (time.perf_counter() - t) / max(1, len(sample))
+
+    def rows_for(qs: list[Q], in_sample_dev: bool) -> list[dict]:
+        def a(q):  # final heads on held-out; on dev out-of-fold unless in-sample asked
+            return att(q, rows_final if in_sample_dev else None)
+
+        bs = {q.id: bridge_scores(q, width, slots) for q in qs}
+        table = [
+            ("plain RAG (dense, MiniLM)", lambda q: q.dense),
+            (f"dense PRF (alpha {alpha})", lambda q: prf_scores(q, alpha)),
+            ("attention, all heads", lambda q: q.head_scores.sum(axis=0)),
+            (f"attention, top {count} heads", a),
+            (f"interpolation (weight {lam0})", lambda q: fused_scores(q, a(q), lam0, 0.0)),
+            (f"interpolation + gate (weight {lam_g}, gate {gate})", lambda q: fused_scores(q, a(q), lam_g, gate)),
+            (f"+ bridge span (width {width}, top {slots}, weight {bw})",
+             lambda q: fused_scores(q, a(q), lam_g, gate, bs[q.id][0], bw)),
+        ]
+        res = [{"row": name, "R@3": mean_r(qs, fn, 3), "R@5": mean_r(qs, fn, 5)} for name, fn in table]
+        full = all(np.abs(q.head_scores[-per_layer:]).max() > 0 for q in qs[:5])
+        if not full:  # the cache read only the head set's layers: no all-heads row
+            res[2]["R@3"] = res[2]["R@5"] = float("nan")
+        return res
+
+    med = lambda qs, key: float(np.median([q.seconds.get(key, 0.0) for q in qs])) if qs else float("nan")  # noqa
+    result = {
+        "heads": hs.to_dict(), "prf_alpha": alpha, "interpolation_weight": lam0, "gated_weight": lam_g,
+        "gate": gate, "bridge": {"width": width, "slots": slots, "weight": bw},
+        "dev_grid_interpolation": {f"{k[0]}/{k[1]}": v for k, v in grid.items()},
+        "dev_grid_bridge": {f"{k[0]}/{k[1]}/{k[2]}": v for k, v in bgrid.items()},
+        "dev_oof": rows_for(dev, False), "dev_in_sample": rows_for(dev, True),
+        "held": rows_for(held, False) if held else [],
+        "n": {"dev": len(dev), "held": len(held)},
+        "seconds": {s: {"dev": med(dev, s), "held": med(held, s)} for s in ("dense", "prefill", "tails", "rerank",
+                                                                            "memorize")},
+        "bridge_seconds": bridge_s,
+        "spans_dev_examples": [(q.question, bridge_scores(q, width, slots)[1]) for q in dev[:10]],
+    }
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    lines = ["| row | dev R@3 (out-of-fold heads) | dev R@5 | dev R@3 in-sample | held-out R@3 | held-out R@5 |",
+             "|---|---|---|---|---|---|"]
+    for i, r in enumerate(result["dev_oof"]):
+        h = result["held"][i] if result["held"] else {"R@3": float("nan"), "R@5": float("nan")}
+        lines.append(f"| {r['row']} | {r['R@3']:.1f} | {r['R@5']:.1f} | {result['dev_in_sample'][i]['R@3']:.1f} | "
+                     f"{h['R@3']:.1f} | {h['R@5']:.1f} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({k: result[k] for k in ("prf_alpha", "interpolation_weight", "gated_weight", "gate", "bridge",
+                                             "n", "seconds", "bridge_seconds")}, indent=1))
+    print("heads", hs.heads, hs.meta.get("count_cv"))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -126,16 +314,24 @@ def main(argv=None) -> None:
     c.add_argument("--candidates", type=int, default=25, help="pooled: dense top-N re-ranked")
     c.add_argument("--prefix-memory", action="store_true", help="read the candidates after the compressed memory")
     c.add_argument("--ratio", type=int, default=4)
+    c.add_argument("--layers", type=int, default=None, help="read only the first N layers (heads chosen below N)")
     c.add_argument("--out", required=True)
     r = sub.add_parser("report")
     r.add_argument("--dev", required=True, nargs="+", help="dev cache folder(s): tuning happens here only")
     r.add_argument("--held", nargs="*", default=[], help="held-out cache folder(s), scored once")
     r.add_argument("--out", required=True)
+    r.add_argument("--max-layers", type=int, default=None, help="choose heads only in the first N layers")
+    r.add_argument("--fingerprint", default="", help="model fingerprint recorded in heads.json (default: computed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.cmd == "cache":
         cache(args)
     else:
+        if not args.fingerprint:
+            from memorag_core.models import load_causal_lm
+            from memorag_core.retrieval.rerank import model_fingerprint
+
+            args.fingerprint = model_fingerprint(load_causal_lm(None)[0])
         report(args)
 
 

@@ -388,43 +388,49 @@ class AttentionReranker:
     # -- bridge spans -------------------------------------------------------------------------------------------
     def bridge_span(self, reading: Reading, candidates: Sequence[str], slots: Sequence[int],
                     heads: Sequence[tuple[int, int]] | None = None, width: int = 3) -> str:
-        """The text span of highest calibrated attention inside the candidates read at ``slots``.
+        """:func:`bridge_span` with the reranker's head set by default."""
+        return bridge_span(reading, candidates, slots, heads if heads is not None else self.heads.heads, width)
 
-        Args:
-            reading: from :meth:`read` over ``candidates`` (same order).
-            slots: reading positions of the passages to look in (the top 1-2 after re-ranking).
-            heads: the heads to sum (default: the reranker's head set).
-            width: tokens in the window whose summed attention is maximized; the span is widened to whole words.
 
-        Returns:
-            The span (no ``[title]`` part), or ``""`` when the passages have no body tokens.
-        """
-        rows = reading.rows(heads if heads is not None else self.heads.heads)
-        t = reading.token_scores[rows].sum(axis=0)  # (T,)
-        best, best_score = None, -np.inf
-        for slot in slots:
-            idx = np.flatnonzero(reading.token_candidate == slot)  # tokens of that candidate
-            line = candidates[slot]
-            body0 = line.index("] ") + 2 if line.startswith("[") and "] " in line else 0
-            idx = idx[reading.token_chars[idx, 0] >= body0]
-            idx = idx[[bool(line[a:b].strip()) for a, b in reading.token_chars[idx]]] if len(idx) else idx
-            if not len(idx):
-                continue
-            w = min(width, len(idx))
-            sums = np.convolve(t[idx], np.ones(w), mode="valid")  # (len - w + 1,) window sums
-            j = int(np.argmax(sums))
-            if sums[j] > best_score:
-                best_score, best = float(sums[j]), (slot, idx[j], idx[j + w - 1])
-        if best is None:
-            return ""
-        slot, first, last = best
+def bridge_span(reading: Reading, candidates: Sequence[str], slots: Sequence[int],
+            heads: Sequence[tuple[int, int]], width: int = 3) -> str:
+    """The text span of highest calibrated attention inside the candidates read at ``slots``.
+
+    Args:
+        reading: from :meth:`read` over ``candidates`` (same order).
+        slots: reading positions of the passages to look in (the top 1-2 after re-ranking).
+        heads: the heads whose calibrated token attention is summed.
+        width: tokens in the window whose summed attention is maximized; the span is widened to whole words.
+
+    Returns:
+        The span (no ``[title]`` part), or ``""`` when the passages have no body tokens.
+    """
+    rows = reading.rows(heads)
+    t = reading.token_scores[rows].sum(axis=0)  # (T,)
+    best, best_score = None, -np.inf
+    for slot in slots:
+        idx = np.flatnonzero(reading.token_candidate == slot)  # tokens of that candidate
         line = candidates[slot]
-        a, b = int(reading.token_chars[first, 0]), int(reading.token_chars[last, 1])
-        while a > 0 and not line[a - 1].isspace():  # whole words
-            a -= 1
-        while b < len(line) and not line[b].isspace():
-            b += 1
-        return line[a:b].strip(" \n,.;:()\"'")
+        body0 = line.index("] ") + 2 if line.startswith("[") and "] " in line else 0
+        idx = idx[reading.token_chars[idx, 0] >= body0]
+        idx = idx[[bool(line[a:b].strip()) for a, b in reading.token_chars[idx]]] if len(idx) else idx
+        if not len(idx):
+            continue
+        w = min(width, len(idx))
+        sums = np.convolve(t[idx], np.ones(w), mode="valid")  # (len - w + 1,) window sums
+        j = int(np.argmax(sums))
+        if sums[j] > best_score:
+            best_score, best = float(sums[j]), (slot, idx[j], idx[j + w - 1])
+    if best is None:
+        return ""
+    slot, first, last = best
+    line = candidates[slot]
+    a, b = int(reading.token_chars[first, 0]), int(reading.token_chars[last, 1])
+    while a > 0 and not line[a - 1].isspace():  # whole words
+        a -= 1
+    while b < len(line) and not line[b].isspace():
+        b += 1
+    return line[a:b].strip(" \n,.;:()\"'")
 
 
 def keep_first(cache: Any, entries: int) -> None:
