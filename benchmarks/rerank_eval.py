@@ -7,7 +7,8 @@ question: its 10 HotpotQA paragraphs; pooled: the dense top ``--candidates`` of 
 re-ranker's reading of them (``memorag_core.retrieval.rerank``): calibrated attention per (layer, head) and
 candidate, and per candidate token (float16), for every head, so head selection and the bridge span can be tuned
 afterwards. ``--prefix-memory`` reads the candidates after the question's compressed memory (ratio 4, as in
-Session 7). Resumable: one JSON line per question in ``<out>/records.jsonl``, arrays in ``<out>/q/<id>.npz``.
+Session 7). Resumable: one JSON line per question in ``<out>/records.<start>-<stop>.jsonl``, arrays in
+``<out>/q/<id>.npz``.
 
 ``report``: head selection on the dev cache (per-head R@3, top-k chosen by 2-fold cross-validation inside dev),
 fusion weights and gate tuned on dev, then every row on dev and on the held-out cache (``--held``, read once):
@@ -47,10 +48,10 @@ def cache(args) -> None:
 
     out = Path(args.out)
     (out / "q").mkdir(parents=True, exist_ok=True)
-    records = out / "records.jsonl"
-    done = {json.loads(x)["id"] for x in records.read_text().splitlines() if x.strip()} if records.exists() else set()
+    records = out / f"records.{args.start}-{args.stop}.jsonl"  # one file per slice: slices run side by side
+    done = {json.loads(x)["id"] for f in out.glob("records*.jsonl") for x in f.read_text().splitlines() if x.strip()}
     examples = load_examples(args.dataset)
-    model, tok = load_causal_lm(None, LoadOptions(device="cpu", dtype="float32"))
+    model, tok = load_causal_lm(None, LoadOptions(device="cpu", dtype=args.dtype))
     n_layers, n_heads = model.config.num_hidden_layers, model.config.num_attention_heads
     every = HeadSet(tuple((a, b) for a in range(n_layers) for b in range(n_heads)), model_fingerprint(model),
                     "all heads")
@@ -133,8 +134,7 @@ class Q:
 def load_cache(folders: list[str]) -> list[Q]:
     out: dict[str, Q] = {}
     for folder in folders:
-        path = Path(folder) / "records.jsonl"
-        for line in path.read_text().splitlines() if path.exists() else []:
+        for line in (x for path in sorted(Path(folder).glob("records*.jsonl")) for x in path.read_text().splitlines()):
             if line.strip():
                 rec = json.loads(line)
                 out.setdefault(rec["id"], Q(Path(folder), rec))
@@ -215,7 +215,8 @@ def report(args) -> None:
 
     # tuning on dev (out-of-fold attention)
     alphas = (0.1, 0.25, 0.5, 1.0)
-    alpha = max(alphas, key=lambda a: (mean_r(dev, lambda q: prf_scores(q, a), 3), mean_r(dev, lambda q: prf_scores(q, a), 5)))
+    alpha = max(alphas, key=lambda a: (mean_r(dev, lambda q: prf_scores(q, a), 3),
+                                       mean_r(dev, lambda q: prf_scores(q, a), 5)))
     lambdas = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     gates = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
     grid = {(lam, g): (mean_r(dev, lambda q: fused_scores(q, att(q), lam, g), 3),
@@ -314,6 +315,8 @@ def main(argv=None) -> None:
     c.add_argument("--candidates", type=int, default=25, help="pooled: dense top-N re-ranked")
     c.add_argument("--prefix-memory", action="store_true", help="read the candidates after the compressed memory")
     c.add_argument("--ratio", type=int, default=4)
+    c.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16: ~2.5x less CPU with AMX, "
+                   "calibrated scores correlate 0.9998 with float32)")
     c.add_argument("--layers", type=int, default=None, help="read only the first N layers (heads chosen below N)")
     c.add_argument("--out", required=True)
     r = sub.add_parser("report")

@@ -71,7 +71,7 @@ def readings_from_model(dataset: str, lo: int, hi: int, model_name: str | None):
 
 
 def readings_from_cache(folders: list[str], lo: int, hi: int, dataset: str):
-    """The same from benchmarks/rerank_eval.py cache folders (``records.jsonl`` + ``q/<id>.npz``)."""
+    """The same from benchmarks/rerank_eval.py cache folders (``records*.jsonl`` + ``q/<id>.npz``)."""
     from memorag_core.eval.datasets import load_examples
     from memorag_core.models import load_causal_lm
     from memorag_core.retrieval.rerank import model_fingerprint
@@ -79,13 +79,14 @@ def readings_from_cache(folders: list[str], lo: int, hi: int, dataset: str):
     wanted = [ex.id for ex in load_examples(dataset)[lo:hi]]
     recs = {}
     for folder in folders:
-        for line in (Path(folder) / "records.jsonl").read_text().splitlines():
+        for line in (x for f in sorted(Path(folder).glob("records*.jsonl")) for x in f.read_text().splitlines()):
             if line.strip():
                 r = json.loads(line)
                 recs[r["id"]] = (Path(folder), r)
     missing = [q for q in wanted if q not in recs]
     if missing:
-        raise InvalidInputError(f"{len(missing)} of the {len(wanted)} questions are not in the cache, e.g. {missing[0]}")
+        raise InvalidInputError(f"{len(missing)} of the {len(wanted)} questions are not in the cache, "
+                                f"e.g. {missing[0]}")
     scores, golds, per_layer = [], [], None
     for q in wanted:
         folder, r = recs[q]
