@@ -217,7 +217,7 @@ def report(args) -> None:
     alphas = (0.1, 0.25, 0.5, 1.0)
     alpha = max(alphas, key=lambda a: (mean_r(dev, lambda q: prf_scores(q, a), 3),
                                        mean_r(dev, lambda q: prf_scores(q, a), 5)))
-    lambdas = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    lambdas = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     gates = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
     grid = {(lam, g): (mean_r(dev, lambda q: fused_scores(q, att(q), lam, g), 3),
                        mean_r(dev, lambda q: fused_scores(q, att(q), lam, g), 5)) for lam in lambdas for g in gates}
@@ -288,6 +288,27 @@ def report(args) -> None:
         "bridge_seconds": bridge_s,
         "spans_dev_examples": [(q.question, bridge_scores(q, width, slots)[1]) for q in dev[:10]],
     }
+    if args.dev_mem:  # the memory as prefix: same questions, same (dev-chosen) heads and weights
+        mem = load_cache(args.dev_mem)
+        if args.max_layers:
+            for q in mem:
+                q.head_scores = q.head_scores[: args.max_layers * per_layer]
+        same = {q.id: q for q in dev}
+        pairs = [(same[q.id], q) for q in mem if q.id in same]
+        plain_qs, mem_qs = [a for a, _ in pairs], [b for _, b in pairs]
+        fa = lambda q: att(q, rows_final)  # noqa: E731
+        result["memory_prefix"] = {
+            "n": len(pairs),
+            "plain RAG": [mean_r(plain_qs, lambda q: q.dense, k) for k in (3, 5)],
+            "attention, candidates alone": [mean_r(plain_qs, fa, k) for k in (3, 5)],
+            "attention, memory + candidates": [mean_r(mem_qs, fa, k) for k in (3, 5)],
+            "gated interpolation, candidates alone": [
+                mean_r(plain_qs, lambda q: fused_scores(q, fa(q), lam_g, gate), k) for k in (3, 5)],
+            "gated interpolation, memory + candidates": [
+                mean_r(mem_qs, lambda q: fused_scores(q, fa(q), lam_g, gate), k) for k in (3, 5)],
+            "seconds_memorize": med(mem_qs, "memorize"), "seconds_rerank": med(mem_qs, "rerank"),
+            "seconds_rerank_alone": med(plain_qs, "rerank"),
+        }
     (out / "report.json").write_text(json.dumps(result, indent=1))
     lines = ["| row | dev R@3 (out-of-fold heads) | dev R@5 | dev R@3 in-sample | held-out R@3 | held-out R@5 |",
              "|---|---|---|---|---|---|"]
@@ -300,6 +321,8 @@ def report(args) -> None:
     print(json.dumps({k: result[k] for k in ("prf_alpha", "interpolation_weight", "gated_weight", "gate", "bridge",
                                              "n", "seconds", "bridge_seconds")}, indent=1))
     print("heads", hs.heads, hs.meta.get("count_cv"))
+    if "memory_prefix" in result:
+        print(json.dumps(result["memory_prefix"], indent=1))
 
 
 def main(argv=None) -> None:
@@ -323,6 +346,7 @@ def main(argv=None) -> None:
     r.add_argument("--dev", required=True, nargs="+", help="dev cache folder(s): tuning happens here only")
     r.add_argument("--held", nargs="*", default=[], help="held-out cache folder(s), scored once")
     r.add_argument("--out", required=True)
+    r.add_argument("--dev-mem", nargs="*", default=[], help="dev cache(s) read after the compressed memory")
     r.add_argument("--max-layers", type=int, default=None, help="choose heads only in the first N layers")
     r.add_argument("--fingerprint", default="", help="model fingerprint recorded in heads.json (default: computed)")
     args = ap.parse_args(argv)

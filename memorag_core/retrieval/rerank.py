@@ -546,3 +546,31 @@ def select_heads(head_scores: Sequence[np.ndarray], golds: Sequence[np.ndarray],
                  "recall_alone": [round(float(alone[r]), 4) for r in chosen],
                  "recall_summed": round(summed_recall(head_scores, golds, chosen, k, n_golds), 4)})
     return HeadSet(tuple((r // heads_per_layer, r % heads_per_layer) for r in chosen), fingerprint, model, meta)
+
+
+# -- fusion with the dense ranking -----------------------------------------------------------------------------
+#: interpolation weights tuned on HotpotQA dev 1-100 with the embedded models (docs/evaluation.md, Session 8)
+TUNED_ATTENTION_WEIGHT = 1.0
+TUNED_GATE = 0.0
+TUNED_BRIDGE_WEIGHT = 0.0
+
+
+def attention_ranking(question: str, ranked: Sequence[tuple[Hashable, float]], source: str = "attention"):
+    """A :class:`~memorag_core.retrieval.fusion.Ranking` of :meth:`AttentionReranker.rerank`'s output, with its
+    :func:`attention_confidence` (for the fusion's gate)."""
+    from memorag_core.retrieval.fusion import Ranking
+
+    keys = [k for k, _ in ranked]
+    scores = [float(s) for _, s in ranked]
+    return Ranking(source, question, keys, scores, confidence=attention_confidence(scores))
+
+
+def attention_fusion(weight: float = TUNED_ATTENTION_WEIGHT, gate: float = TUNED_GATE,
+                     bridge_weight: float = TUNED_BRIDGE_WEIGHT):
+    """The :class:`~memorag_core.retrieval.fusion.FusionConfig` that joins the question's dense ranking
+    (weight 1), the attention ranking (``weight``; 0 = plain RAG) and a bridge-span query's ranking
+    (``bridge_weight``): per-query min-max normalized score interpolation, attention gated by its confidence."""
+    from memorag_core.retrieval.fusion import FusionConfig
+
+    return FusionConfig(method="interpolate", gate=gate, question_floor=0,
+                        weights={"question": 1.0, "attention": weight, "bridge": bridge_weight})

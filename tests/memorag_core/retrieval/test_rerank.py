@@ -203,3 +203,15 @@ def test_packaged_heads_rerank_hotpotqa_with_the_embedded_model(embedded_lm_dir,
         gold = np.array([p.title in ex.supporting_titles for p in passages])
         recalls.append(gold[[k for k, _ in ranked[:3]]].sum() / gold.sum())
     assert np.mean(recalls) >= 0.55
+
+
+def test_attention_fusion_at_weight_zero_is_plain_rag_and_otherwise_follows_attention():
+    from memorag_core.retrieval.fusion import Ranking, fuse
+    from memorag_core.retrieval.rerank import attention_fusion, attention_ranking
+
+    dense = Ranking("question", "q", ["a", "b", "c"], [0.9, 0.5, 0.4])
+    att = attention_ranking("q", [("c", 2.0), ("b", 0.1), ("a", 0.0)])
+    assert att.confidence == pytest.approx(0.95)
+    assert [f.key for f in fuse([dense, att], attention_fusion(0.0, 0.0, 0.0))] == ["a", "b", "c"]
+    assert [f.key for f in fuse([dense, att], attention_fusion(4.0, 0.0, 0.0))][0] == "c"
+    assert [f.key for f in fuse([dense, att], attention_fusion(4.0, 0.99, 0.0))][0] == "a"  # gated out
