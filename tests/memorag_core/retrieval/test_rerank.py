@@ -191,7 +191,7 @@ def test_packaged_heads_rerank_hotpotqa_with_the_embedded_model(embedded_lm_dir,
 
     model, tok = load_causal_lm(str(embedded_lm_dir), LoadOptions(device="cpu", dtype="bfloat16"))
     rr = AttentionReranker(model, tok)  # default_heads: the packaged JSON
-    assert rr.heads.meta["calibration"].startswith("1-100")
+    assert rr.heads.fingerprint == model_fingerprint(model) and "dev" in rr.heads.meta["calibration"]
     assert rr.needed_layers() < model.config.num_hidden_layers + 1
     recalls = []
     for ex in load_examples(shared_data_dir / "hotpotqa_dev_300.jsonl")[:8]:
