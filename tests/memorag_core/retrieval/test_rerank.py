@@ -215,3 +215,34 @@ def test_attention_fusion_at_weight_zero_is_plain_rag_and_otherwise_follows_atte
     assert [f.key for f in fuse([dense, att], attention_fusion(0.0, 0.0, 0.0))] == ["a", "b", "c"]
     assert [f.key for f in fuse([dense, att], attention_fusion(4.0, 0.0, 0.0))][0] == "c"
     assert [f.key for f in fuse([dense, att], attention_fusion(4.0, 0.99, 0.0))][0] == "a"  # gated out
+
+
+def test_per_head_capture_averages_to_the_kv_head_capture(tiny):
+    import torch
+
+    from memorag_core.memory import scoring
+
+    model, tok = tiny
+    AttentionReranker(model, tok, every_head(model))  # switches the model to memorag_sdpa
+    ids = torch.tensor([tok(QUESTION, add_special_tokens=False)["input_ids"]])  # (1, n)
+    with torch.no_grad():
+        with scoring.capture_scores(4, per_head=True) as per_head:
+            model(input_ids=ids)
+        with scoring.capture_scores(4) as per_kv:
+            model(input_ids=ids)
+    c = model.config
+    group = c.num_attention_heads // c.num_key_value_heads
+    for layer in range(c.num_hidden_layers):
+        assert per_head[layer].shape == (1, c.num_attention_heads, ids.shape[1])
+        grouped = per_head[layer].view(1, c.num_key_value_heads, group, -1).mean(dim=2)  # query head h -> h // group
+        torch.testing.assert_close(grouped, per_kv[layer])
+
+
+def test_task_frame_is_what_task_ids_encodes(tiny):
+    from memorag_core.memory import MemoryConfig, build_memory
+
+    model, tok = tiny
+    memory = build_memory(MemoryConfig(ratio=2, window=64), model=model, tokenizer=tok)
+    memory.memorize(LINES[0])
+    before, after = memory.task_frame()
+    assert memory.task_ids("TASK") == tok(before + "TASK" + after, add_special_tokens=False)["input_ids"]
