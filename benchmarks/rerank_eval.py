@@ -180,7 +180,7 @@ def mean_r(qs: list[Q], score_fn, k: int) -> float:
 
 def report(args) -> None:
     from memorag_core.retrieval.embedders import load_embedder
-    from memorag_core.retrieval.rerank import HeadSet, bridge_span, rank_heads, select_heads
+    from memorag_core.retrieval.rerank import bridge_span, rank_heads, select_heads
 
     dev, held = load_cache(args.dev), load_cache(args.held)
     out = Path(args.out)
