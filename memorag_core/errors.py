@@ -77,3 +77,8 @@ class UnsupportedModelError(MemoRAGError, ValueError):
 class QuotaExceededError(MemoRAGError):
     """An owner is over a quota (sessions, stored bytes): HTTP 429 with type ``insufficient_quota``; the message
     names the quota and how to free room."""
+
+
+class HeadSetMismatchError(ArtifactError):
+    """An attention head set (re-ranking) was chosen for another model's architecture, names heads the model does
+    not have, or none ships for the model: choose heads for it with ``python -m jobs.select_heads``."""

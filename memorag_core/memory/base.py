@@ -155,6 +155,15 @@ class Memory(ABC):
         assert self.prompts is not None
         return self._encode(self._render(self.prompts)[0])
 
+    def task_frame(self) -> tuple[str, str]:
+        """The text replayed after the memory before a task prompt (end of the context turn, the acknowledgement,
+        the new user turn's opening) and after it (end of that turn, the assistant's header): ``task_ids(task)``
+        encodes ``before + task + after``. Raises MemoryNotReadyError when nothing is memorized."""
+        if self.prompts is None:
+            raise MemoryNotReadyError("nothing is memorized: call memorize(text) or load(url) first")
+        _, middle, tail = self._render(self.prompts)
+        return middle, tail
+
     def task_ids(self, task: str) -> list[int]:
         """Token ids replayed after the memory for one task prompt (already formatted)."""
         if self.prompts is None:

@@ -104,20 +104,25 @@ def record(module, query: torch.Tensor, key: torch.Tensor, scaling: float | None
             kept = lg
         part = lg.logsumexp(dim=-1)  # (b, kv_heads, g*obs)
         lse = part if lse is None else torch.logaddexp(lse, part)
-    out = torch.empty((b, kv_heads, k_len - start), dtype=torch.float32, device=device)
+    per_head = bool(capture.get("per_head"))  # re-ranking: one score row per query head
+    out = torch.empty((b, heads if per_head else kv_heads, k_len - start), dtype=torch.float32, device=device)
     for c0 in range(start, k_len, chunk):
         c1 = min(k_len, c0 + chunk)
         lg = kept if kept is not None else logits(c0, c1)
         probs = (lg - lse[..., None]).exp().view(b, kv_heads, group, obs, c1 - c0)
         if weight is not None:
             probs = probs * weight[:, None, None, :, None]
-        out[..., c0 - start:c1 - start] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, c1 - c0)
-    capture["scores"][module.layer_idx] = out  # (b, kv_heads, k_len - start)
+        if per_head:  # query head h reads KV head h // group (kv-major, as transformers' repeat_kv)
+            out[..., c0 - start:c1 - start] = probs.sum(dim=3).reshape(b, heads, c1 - c0)  # (b, heads, c1 - c0)
+        else:
+            out[..., c0 - start:c1 - start] = probs.sum(dim=3).mean(dim=2)  # (b, kv_heads, c1 - c0)
+    capture["scores"][module.layer_idx] = out  # (b, kv_heads or heads, k_len - start)
 
 
 @contextlib.contextmanager
 def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
-                   mem_lens: torch.Tensor | None = None, sample: int = 0) -> Iterator[dict[int, torch.Tensor]]:
+                   mem_lens: torch.Tensor | None = None, sample: int = 0,
+                   per_head: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Within the block, every ``memorag_sdpa`` call stores its layer's scores into the yielded dict.
 
     Args:
@@ -127,10 +132,12 @@ def capture_scores(obs: int, start: int = 0, rows: torch.Tensor | None = None,
         mem_lens: (b,) valid memory entries per row before the window (None: all; the rest is padding).
         sample: when 0 < sample < obs, only ``sample`` of the observed queries, spread evenly over them, are
             summed (the cost of ``sample`` queries with the coverage of ``obs``).
+        per_head: record each query head, (b, heads, k), instead of the mean over the query heads of each KV
+            head, (b, kv_heads, k) (attention re-ranking reads single heads).
     """
     scores: dict[int, torch.Tensor] = {}
     _state.capture = {"obs": obs, "scores": scores, "start": start, "rows": rows, "mem_lens": mem_lens,
-                      "sample": sample}
+                      "sample": sample, "per_head": per_head}
     try:
         yield scores
     finally:

@@ -11,6 +11,13 @@ where a source's weight (``question``, ``span``, ``surrogate``, ``draft``, ``poi
 that source's rankings, so ten recalled spans weigh what one span source weighs, never ten times the question.
 Raw scores are used only to break ties. The facade, the query engine and the evaluation all call :func:`fuse`.
 
+``FusionConfig(method="interpolate")`` fuses raw scores instead: each ranking's scores are min-max normalized per
+query to [0, 1] and summed with the same per-source weights (a passage a ranking lacks gets 0 from it). A source
+of weight 0 is left out entirely, so ``{"question": 1, "attention": 0}`` *is* the question's ranking; this is the
+no-loss fusion for a re-ranker whose scores carry more than their order (Weller et al., arXiv 2309.08541: equal
+votes let expansions hurt strong retrievers). Either method honours a confidence gate: a ranking that reports a
+``confidence`` below ``FusionConfig.gate`` is dropped for that query (the question's own ranking never is).
+
 Clue queries that merely restate the question add nothing but double its weight: :func:`drop_restatements`
 removes them (same words after normalization, or embeddings nearly identical).
 """
@@ -25,6 +32,8 @@ import numpy as np
 
 from memorag_core.errors import InvalidInputError
 
+#: how rankings are combined: weighted reciprocal rank, or weighted per-query normalized scores
+FUSION_METHODS = ("rrf", "interpolate")
 #: default weight of each query source (its total, split over its rankings)
 DEFAULT_WEIGHTS: dict[str, float] = {
     "question": 1.0, "span": 0.5, "surrogate": 0.5, "draft": 0.25, "pointer": 0.5, "grounded": 0.75,
@@ -45,12 +54,14 @@ class Ranking:
         query: the query text (for reporting which query found a passage).
         keys: passage keys (any hashable: chunk ids, row numbers), best first, no repeats.
         scores: the retriever's scores, same length as ``keys`` (higher is better).
+        confidence: how sure the ranking's producer is for this query, in [0, 1] (None: no opinion, never gated).
     """
 
     source: str
     query: str
     keys: Sequence[Hashable]
     scores: Sequence[float]
+    confidence: float | None = None
 
 
 @dataclass
@@ -63,16 +74,25 @@ class FusionConfig:
         default_weight: weight of an unlisted source.
         question_floor: the question's own top-N passages are always kept in the fused top (a clue can add
             passages but never push the question's best ones out of the budget); 0 disables.
+        method: ``rrf`` (weighted reciprocal rank) or ``interpolate`` (weighted sum of per-query min-max
+            normalized scores; weight 0 leaves a source out).
+        gate: a non-question ranking whose ``confidence`` is below this is dropped for that query (0: none is).
     """
 
     rrf_k: float = 60.0
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     default_weight: float = 0.25
     question_floor: int = 1
+    method: str = "rrf"
+    gate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rrf_k < 0 or self.default_weight < 0 or self.question_floor < 0:
             raise InvalidInputError("fusion rrf_k, default_weight and question_floor must be >= 0")
+        if self.method not in FUSION_METHODS:
+            raise InvalidInputError(f"fusion method must be one of {FUSION_METHODS}, got {self.method!r}")
+        if not 0.0 <= self.gate <= 1.0:
+            raise InvalidInputError(f"fusion gate must be in [0, 1], got {self.gate}")
         bad = {k: v for k, v in self.weights.items() if not isinstance(v, (int, float)) or v < 0}
         if bad:
             raise InvalidInputError(f"fusion weights must be numbers >= 0, got {bad}")
@@ -103,7 +123,8 @@ class Fused:
 
 
 def fuse(rankings: Sequence[Ranking], config: FusionConfig | None = None, limit: int | None = None) -> list[Fused]:
-    """Weighted reciprocal-rank fusion of ``rankings``; the best ``limit`` passages (all when None), best first.
+    """Weighted reciprocal-rank fusion of ``rankings`` (or score interpolation: ``config.method``), after the
+    confidence gate; the best ``limit`` passages (all when None), best first.
 
     Raises:
         InvalidInputError: a ranking whose keys and scores differ in length, or ``limit`` < 1.
@@ -115,6 +136,11 @@ def fuse(rankings: Sequence[Ranking], config: FusionConfig | None = None, limit:
     for r in rankings:
         if len(r.keys) != len(r.scores):
             raise InvalidInputError(f"ranking of {r.source!r} has {len(r.keys)} keys but {len(r.scores)} scores")
+    interpolate = config.method == "interpolate"
+    rankings = [r for r in rankings if r.source == "question" or r.confidence is None or r.confidence >= config.gate]
+    if interpolate:  # a weight of 0 leaves the source out (not even a tie-breaker), so it cannot change anything
+        rankings = [r for r in rankings if r.source == "question" or config.weight(r.source) > 0]
+    for r in rankings:
         if len(r.keys):
             per_source[r.source] = per_source.get(r.source, 0) + 1
     out: dict[Hashable, Fused] = {}
@@ -122,12 +148,16 @@ def fuse(rankings: Sequence[Ranking], config: FusionConfig | None = None, limit:
         if not len(r.keys):
             continue
         w = config.weight(r.source) / per_source[r.source]
-        for rank, (key, raw) in enumerate(zip(r.keys, r.scores), start=1):
+        if interpolate:
+            gains = w * normalized(r.scores)  # (n,)
+        else:
+            gains = [w / (config.rrf_k + rank) for rank in range(1, len(r.keys) + 1)]
+        for rank, (key, raw, gain) in enumerate(zip(r.keys, r.scores, gains), start=1):
             f = out.get(key)
             if f is None:
-                out[key] = Fused(key, w / (config.rrf_k + rank), float(raw), [r.source], r.query, rank)
+                out[key] = Fused(key, float(gain), float(raw), [r.source], r.query, rank)
                 continue
-            f.score += w / (config.rrf_k + rank)
+            f.score += float(gain)
             if r.source not in f.sources:
                 f.sources.append(r.source)
             if (rank, -float(raw)) < (f.rank, -f.best_score):
@@ -148,6 +178,15 @@ def fuse(rankings: Sequence[Ranking], config: FusionConfig | None = None, limit:
         rest = [f for f in top if f.key not in floor][: max(0, limit - len(keep) - len(missing))]
         top = sorted(keep + missing + rest, key=lambda f: (-f.score, -f.best_score, str(f.key)))[:limit]
     return top
+
+
+def normalized(scores: Sequence[float]) -> np.ndarray:
+    """(n,) min-max normalized scores in [0, 1] (all 1 when they are equal: no preference among them)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if not len(s):
+        return s
+    lo, hi = float(s.min()), float(s.max())
+    return np.ones_like(s) if hi - lo <= 0 else (s - lo) / (hi - lo)
 
 
 _NON_WORD = re.compile(r"[\W_]+")

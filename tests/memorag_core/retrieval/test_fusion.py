@@ -63,3 +63,49 @@ def test_drop_restatements_by_words_and_by_embedding():
     vecs = np.array([[1, 0], [0, 1], [0.999, 0.04], [0, 1]], np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     assert drop_restatements(q, queries, question_vec=qv, query_vecs=vecs) == [1]
+
+
+def test_interpolation_with_weight_zero_is_the_questions_ranking():
+    # The attention ranking disagrees completely; at weight 0 it is left out, so the order is the question's own.
+    question = Ranking("question", "q", ["a", "b", "c", "d"], [0.9, 0.7, 0.6, 0.1])
+    attention = Ranking("attention", "q", ["d", "c", "b", "a"], [5.0, 4.0, 1.0, -2.0])
+    cfg = FusionConfig(method="interpolate", weights={"question": 1.0, "attention": 0.0}, question_floor=0)
+    assert [f.key for f in fuse([question, attention], cfg)] == ["a", "b", "c", "d"]
+    assert [f.key for f in fuse([question, attention], cfg, limit=2)] == ["a", "b"]
+
+
+def test_interpolation_sums_normalized_scores_with_the_source_weights():
+    # normalized question: a 1, b 0.75, c 0; attention: c 1, b 0.5, a 0. Weight 1: b 1.25 > a 1 = c 1.
+    question = Ranking("question", "q", ["a", "b", "c"], [0.9, 0.8, 0.5])
+    attention = Ranking("attention", "q", ["c", "b", "a"], [3.0, 2.0, 1.0])
+    cfg = FusionConfig(method="interpolate", weights={"question": 1.0, "attention": 1.0}, question_floor=0)
+    fused = fuse([question, attention], cfg)
+    assert fused[0].key == "b" and fused[0].score == pytest.approx(1.25)
+    # RRF of the same two rankings sees only ranks: b (2nd twice) falls just behind a and c
+    assert [f.key for f in fuse([question, attention], FusionConfig(weights=cfg.weights, question_floor=0))][2] == "b"
+    # a strong attention weight follows the attention's order
+    strong = FusionConfig(method="interpolate", weights={"question": 1.0, "attention": 3.0}, question_floor=0)
+    assert [f.key for f in fuse([question, attention], strong)] == ["c", "b", "a"]
+
+
+def test_confidence_gate_drops_an_unsure_ranking_but_never_the_question():
+    question = Ranking("question", "q", ["a", "b"], [0.9, 0.8])
+    unsure = Ranking("attention", "q", ["b", "a"], [2.0, 1.0], confidence=0.2)
+    sure = Ranking("attention", "q", ["b", "a"], [2.0, 1.0], confidence=0.8)
+    cfg = FusionConfig(method="interpolate", weights={"question": 1.0, "attention": 3.0}, gate=0.5,
+                       question_floor=0)
+    assert [f.key for f in fuse([question, unsure], cfg)] == ["a", "b"]
+    assert [f.key for f in fuse([question, sure], cfg)] == ["b", "a"]
+    gated_question = Ranking("question", "q", ["a", "b"], [0.9, 0.8], confidence=0.0)
+    assert [f.key for f in fuse([gated_question], cfg)] == ["a", "b"]
+    # the gate holds for RRF too
+    rrf = FusionConfig(weights={"question": 1.0, "attention": 3.0}, gate=0.5, question_floor=0)
+    assert [f.key for f in fuse([question, unsure], rrf)] == ["a", "b"]
+    assert [f.key for f in fuse([question, sure], rrf)] == ["b", "a"]
+
+
+def test_fusion_method_and_gate_are_validated():
+    with pytest.raises(InvalidInputError, match="method"):
+        FusionConfig(method="max")
+    with pytest.raises(InvalidInputError, match="gate"):
+        FusionConfig(gate=1.5)
