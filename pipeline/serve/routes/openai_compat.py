@@ -88,8 +88,6 @@ def _memorag_extra(result) -> dict:
 
 async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: str) -> None:
     """Earlier turns -> the history's session (``request.session_id``); ``user`` -> ``request.user_id``."""
-    from memorag_core.query.sessions import check_user_id
-
     if not any(m.role == "assistant" for m in body.messages):
         return
     messages = [{"role": m.role, "content": message_text(m)} for m in body.messages if m.role in ("system", "user",
@@ -108,7 +106,7 @@ def checked_request(body: ChatBody, ingress) -> QueryRequest:
         request.user_id = check_user_id(body.user)
     request.validate(ingress.limits)
     if any(m.role == "assistant" for m in body.messages):
-        history_turns([{"role": m.role, "content": _text(m)} for m in body.messages
+        history_turns([{"role": m.role, "content": message_text(m)} for m in body.messages
                        if m.role in ("system", "user", "assistant")], ingress.config.sessions.session_config())
     return request
 

@@ -171,7 +171,9 @@ def test_a_follow_up_with_the_embedded_model_keeps_its_question(embedded_collect
 
     engine = QueryEngine(embedded_collection.store, refresh_s=0.0, device="cpu",
                          session_config=SessionConfig(standalone_tokens=24, recall_tokens=8))
-    owner = "tester"
+    from memorag_core.query.sessions import owner_of
+
+    owner = owner_of(None, "facts")
     state = engine.conversations.sessions.create("facts", owner)
     fast = dict(units=1, top_k=2, max_new_tokens=6, clue_max_new_tokens=6)
     first = engine.query("facts", QueryRequest("Who built the lighthouse of Varnholm?", session_id=state.id,
