@@ -249,14 +249,16 @@ def emit(events, show_clues: bool, json_output: bool) -> None:
 
 def print_events(events, show_clues: bool) -> None:
     """Stream a query's answer, then its clues, evidence and timings."""
-    typer.echo("answer: ", nl=False)
-    result = None
+    result, started = None, False
     for event in events:
         if event.kind == "token":
+            if not started:  # after the models have loaded (their progress bars go to stderr first)
+                typer.echo("answer: ", nl=False)
+                started = True
             typer.echo(event.text, nl=False)
         else:
             result = event.result
-    typer.echo("")
+    typer.echo("" if started else "answer: ")
     if result is None:  # pragma: no cover - a composition always ends with a final event
         raise RuntimeError("the query ended without a result")
     for warning in result.warnings:

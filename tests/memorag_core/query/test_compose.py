@@ -164,12 +164,16 @@ def test_plan_settings_are_one_typed_object_for_every_door(tiny_collection):
     assert engine.retriever.plan == plan and engine.retriever.fusion.question_floor == 2
 
 
-def test_a_follow_up_with_the_embedded_model_keeps_its_question(embedded_collection):
+def test_a_follow_up_with_the_embedded_model_keeps_its_question(embedded_collection, tmp_path):
     """SmolLM2-135M can rewrite a follow-up into an instruction echo; whatever it writes, the answered question
     keeps the follow-up's content words, and the rewrite (when any) joins retrieval."""
+    import shutil
+
     from memorag_core.query.sessions import SessionConfig
 
-    engine = QueryEngine(embedded_collection.store, refresh_s=0.0, device="cpu",
+    store = tmp_path / "store"  # sessions are written into the store: a copy, so the shared fixture stays clean
+    shutil.copytree(embedded_collection.store, store, ignore=shutil.ignore_patterns("leases"))
+    engine = QueryEngine(str(store), refresh_s=0.0, device="cpu",
                          session_config=SessionConfig(standalone_tokens=24, recall_tokens=8))
     from memorag_core.query.sessions import owner_of
 
