@@ -271,6 +271,22 @@ def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _with_local_temp(path: str, data: bytes, place: Callable[[str, str], T]) -> T:
+    """Write ``data`` to a fsynced temporary file beside local ``path``, then ``place(tmp, path)`` it (rename or
+    link); the temporary file never outlives the call."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return place(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, attempts: int = 4) -> None:
     """Write ``data`` to ``path`` so that readers see the old object or the whole new one, never a part.
 
@@ -280,19 +296,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, attem
     """
     what = f"write {url_of(fs, path)}"
     if is_local(fs):
-        def _local() -> None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{secrets.token_hex(6)}"
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        with_retries(_local, what=what, attempts=1)
+        with_retries(lambda: _with_local_temp(path, data, os.replace), what=what, attempts=1)
         return
     with_retries(lambda: fs.pipe_file(path, data), what=what, attempts=attempts)
 
@@ -307,23 +311,13 @@ def write_if_absent(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, at
     """
     what = f"create {url_of(fs, path)}"
     if is_local(fs):
-        def _local() -> bool:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{secrets.token_hex(6)}"
+        def _link(tmp: str, final: str) -> bool:
             try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    return False
-                return True
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        return with_retries(_local, what=what, attempts=1)
+                os.link(tmp, final)
+            except FileExistsError:
+                return False
+            return True
+        return with_retries(lambda: _with_local_temp(path, data, _link), what=what, attempts=1)
 
     def _s3() -> bool:
         try:
