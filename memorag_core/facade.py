@@ -382,7 +382,7 @@ class MemoRAG:
         state = self._state(query, clue_max_new_tokens=max_new_tokens or self.clue_max_new_tokens,
                             use_draft=use_memory_answer)
         complete(comp.route(state))
-        complete(comp.write_clues(state))
+        complete(comp.write_clues(state, text_clues=True))  # asked for by name: written whatever the plan says
         c = state.clues[0]
         clues = Clues(list(c.spans), list(c.surrogates), c.draft, [], time.perf_counter() - start, list(c.pointers))
         plan, _ = self._plan(query, clues.clue_set())
@@ -442,8 +442,9 @@ class MemoRAG:
 
     def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None) -> list:
         """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
-        rank (the question's own ranking counts most); list of retrieval ``Hit``, best first. Without clues it is
-        plain dense retrieval of the question. The composition's retrieve step over this bundle."""
+        rank (the question's own ranking counts most), then re-ranked by the memory model's attention when the plan
+        re-ranks (``plan_config.rerank_candidates``); list of retrieval ``Hit``, best first. The composition's
+        retrieve and rerank steps over this bundle."""
         from memorag_core.query.compose import complete
         from memorag_core.query.types import UnitClues
         from memorag_core.retrieval import Hit
@@ -454,7 +455,9 @@ class MemoRAG:
         if clues is not None:
             state.clues = [UnitClues(BUNDLE_UNIT, spans=list(clues.spans), surrogates=list(clues.surrogates),
                                      draft=clues.draft_answer, pointers=list(clues.pointers))]
-        complete(self._composition().retrieve(state))
+        comp = self._composition()
+        complete(comp.retrieve(state))
+        complete(comp.rerank(state))
         return [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in state.evidence]
 
     def retrieve(self, queries: list[str] | str, hits: int | None = None):
@@ -556,6 +559,7 @@ class BundleStages:
         self.retriever = self
         self.memory = self
         self.sessions = None
+        self.plan = pipe.plan_config
         self.generator = GeneratorStage(answerer=_TemplatedAnswerer(Answerer(pipe.generator), template))
 
     # -- retriever ---------------------------------------------------------------------------------------------
@@ -589,6 +593,12 @@ class BundleStages:
         return [UnitClues(BUNDLE_UNIT, spans=split_clue_lines(out["spans"], lang),
                           surrogates=split_clue_lines(out["surrogates"], lang), draft=out.get("answer") or None,
                           pointers=pointed, seconds=time.perf_counter() - t0, cached=True)]
+
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
+        from memorag_core.retrieval.rerank import memory_scores
+
+        return memory_scores(self.pipe.memory, question, lines, dense_scores, prefix=prefix_unit is not None,
+                             max_tokens=max_tokens)
 
     async def key_points(self, name, version, unit_ids, max_new_tokens):
         from memorag_core.query.types import UnitClues

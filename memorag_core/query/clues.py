@@ -172,6 +172,23 @@ class ClueWriter:
                                                draft=(t.get("answer") or None), seconds=seconds, cached=cached)
         return [[done[(i, uid)] for uid in uids] for i, (_, uids) in enumerate(requests)]
 
+    def rerank(self, name: str, version: str, question: str, lines: list[str], dense_scores: list[float], *,
+               prefix_unit: str | None = None, max_tokens: int | None = None) -> list[float] | None:
+        """The memory model's calibrated attention to each candidate line (see
+        :func:`memorag_core.retrieval.rerank.memory_scores`), read after ``prefix_unit``'s memory when given; None
+        when the collection's memory model has no head set."""
+        from memorag_core.retrieval.rerank import memory_scores
+
+        view = self.catalog.view(name, version)
+        memory = self.memory_for(view)
+        question = memory.check_query(question)
+        with self._lock:
+            if prefix_unit is not None:
+                m, _ = self._load(view, memory, prefix_unit)
+                memory.import_tensors(m)
+            return memory_scores(memory, question, lines, dense_scores, prefix=prefix_unit is not None,
+                                 max_tokens=max_tokens)
+
     def key_points(self, name: str, version: str, unit_ids: list[str], *, max_new_tokens: int = 256
                    ) -> list[UnitClues]:
         """Key points of each unit (the summarize task), from its memory."""

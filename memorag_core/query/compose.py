@@ -20,13 +20,19 @@ Stage interfaces (duck-typed; every method is ``async`` except :meth:`AnswerStag
                    ``units(name, version, request) -> list[RoutedUnit]``;
                    ``retrieve(name, version, query, clues, top_k, doc_id, extra) -> (evidence, queries)``
 ``memory``         ``clues(name, version, unit_ids, query, max_new_tokens, with_draft) -> list[UnitClues]``;
-                   ``key_points(name, version, unit_ids, max_new_tokens) -> list[UnitClues]``
+                   ``key_points(name, version, unit_ids, max_new_tokens) -> list[UnitClues]``;
+                   ``rerank(name, version, question, lines, dense_scores, prefix_unit, max_tokens)
+                   -> list[float] | None`` (None: the memory model has no head set)
 ``generator``      ``generate(task, query, evidence, max_new_tokens) -> str``;
                    ``stream(task, query, evidence, max_new_tokens) -> AsyncIterator[str]``
 =================  ===========================================================================================
 
 Decisions written here once:
 
+* **The memory points.** The ``memorag`` task retrieves ``plan.rerank_candidates`` fused candidates and the
+  memory model's calibrated attention re-ranks them (:mod:`memorag_core.retrieval.rerank`), interpolated with the
+  retrieval's own scores (weight 0 = plain order), before the budget is cut. Text clues are decoded only when the
+  plan asks (``text_clues``) or the request wants a draft (``use_draft``).
 * **Budgets hold.** Exactly the ``top_k`` fused passages reach the generator. A draft answer is a retrieval query
   (source ``draft``), never an extra line of evidence, whatever ``use_draft`` or the number of units.
 * **A conversation never loses the question.** A session's standalone rewrite always joins retrieval (source
@@ -181,6 +187,7 @@ class Stages:
     memory: Any
     generator: Any
     sessions: Any = None
+    plan: Any = None  # the PlanConfig the retriever runs (None: the defaults); the composition reads its rerank_*
 
 
 class QueryComposition:
@@ -192,7 +199,10 @@ class QueryComposition:
     """
 
     def __init__(self, stages: Stages) -> None:
+        from memorag_core.retrieval.queries import PlanConfig
+
         self.stages = stages
+        self.plan = PlanConfig.from_dict(getattr(stages, "plan", None))
 
     # -- steps -----------------------------------------------------------------------------------------------
     async def prepare_session(self, state: QueryState) -> None:
@@ -230,12 +240,14 @@ class QueryComposition:
         state.units = await self.stages.retriever.units(state.name, state.version, asked)
         state.timings["route"] = time.perf_counter() - t
 
-    async def write_clues(self, state: QueryState) -> None:
-        """Clues (memorag) or key points (summarize) from each routed unit's memory."""
+    async def write_clues(self, state: QueryState, *, text_clues: bool | None = None) -> None:
+        """Clues (memorag: when the plan's ``text_clues``, a draft is asked, or ``text_clues=True``) or key
+        points (summarize) from each routed unit's memory."""
         r = state.request
         t = time.perf_counter()
         ids = [u.unit_id for u in state.units]
-        if r.task == "memorag" and ids:
+        wanted = self.plan.text_clues or r.use_draft if text_clues is None else text_clues
+        if r.task == "memorag" and ids and wanted:
             state.clues = await self.stages.memory.clues(state.name, state.version, ids, state.question,
                                                          r.clue_max_new_tokens, r.use_draft)
         elif r.task == "summarize" and ids:
@@ -248,10 +260,41 @@ class QueryComposition:
         r = state.request
         t = time.perf_counter()
         extra = state.session.queries() if state.session is not None else None
+        depth = max(r.top_k, self.plan.rerank_candidates) if self.reranks(state) else r.top_k
         state.evidence, state.queries = await self.stages.retriever.retrieve(
-            state.name, state.version, r.query, state.clues, r.top_k, r.doc_id if r.task == "summarize" else None,
+            state.name, state.version, r.query, state.clues, depth, r.doc_id if r.task == "summarize" else None,
             extra)
         state.timings["retrieve"] = time.perf_counter() - t
+
+    def reranks(self, state: QueryState) -> bool:
+        """Whether this query's candidates are re-ranked by the memory model's attention."""
+        return state.request.task == "memorag" and self.plan.reranks
+
+    async def rerank(self, state: QueryState) -> None:
+        """The memory model's calibrated attention re-orders the candidates; the ``top_k`` best of its
+        interpolation with the retrieval's scores are kept (the retrieval's order, and no ``rerank`` timing, when
+        the memory model has no head set: :func:`memorag_core.retrieval.rerank.reranker_for` logs it once)."""
+        r = state.request
+        if not self.reranks(state) or len(state.evidence) <= 1:
+            del state.evidence[r.top_k:]
+            return
+        from memorag_core.retrieval.rerank import passage_line
+
+        t = time.perf_counter()
+        # "[title] body" when the chunk opens with its document's id as a title (the form the heads were chosen
+        # on); otherwise the chunk as stored (a bundle's doc_id names the bundle, not the passage)
+        lines = [passage_line(e.doc_id, e.text) if e.doc_id and e.text.startswith(f"{e.doc_id}: ") else e.text
+                 for e in state.evidence]
+        dense = [float(e.score) for e in state.evidence]
+        prefix = state.units[0].unit_id if self.plan.rerank_prefix and state.units else None
+        scores = await self.stages.memory.rerank(state.name, state.version, state.question, lines, dense, prefix,
+                                                 self.plan.rerank_max_tokens)
+        if scores is None:  # no head set for this memory model (logged once when the model was first asked)
+            del state.evidence[r.top_k:]
+            return
+        else:
+            state.evidence = reranked(state.evidence, scores, state.question, r.top_k, self.plan)
+        state.timings["rerank"] = time.perf_counter() - t
 
     async def generate(self, state: QueryState, *, stream: bool = True) -> AsyncIterator[str]:
         """The answer from the evidence: pieces as the generator writes them (one piece when not ``stream``)."""
@@ -300,6 +343,7 @@ class QueryComposition:
         await self.route(state)
         await self.write_clues(state)
         await self.retrieve(state)
+        await self.rerank(state)
         pieces: list[str] = []
         async for piece in self.generate(state, stream=stream):
             pieces.append(piece)
@@ -310,6 +354,29 @@ class QueryComposition:
         logger.info("query %s/%s %s: %d units, %d passages, %.2f s", name, version, request.task, len(state.units),
                     len(state.evidence), state.timings["total"])
         yield StreamEvent("final", result=state.result(answer))
+
+
+def reranked(evidence: list, scores: list[float], question: str, top_k: int, plan) -> list:
+    """The ``top_k`` best of ``evidence`` by the no-loss interpolation of the retrieval's scores (weight 1) and
+    the attention ``scores`` (``plan.rerank_weight``, gated by ``plan.rerank_gate``); each kept passage's score
+    is the interpolated one, and ``attention`` joins its sources when the attention ranked it in the budget."""
+    from memorag_core.retrieval.fusion import Ranking, fuse
+    from memorag_core.retrieval.rerank import attention_fusion, attention_ranking
+
+    if len(scores) != len(evidence):
+        raise ValueError(f"{len(scores)} attention scores for {len(evidence)} candidates")
+    keys = list(range(len(evidence)))
+    dense = Ranking("question", question, keys, [float(e.score) for e in evidence])
+    by_attention = sorted(keys, key=lambda i: (-scores[i], i))
+    attention = attention_ranking(question, [(i, scores[i]) for i in by_attention])
+    fused = fuse([dense, attention], attention_fusion(plan.rerank_weight, plan.rerank_gate), limit=top_k)
+    pointed = set(by_attention[:top_k])
+    out = []
+    for f in fused:
+        e = evidence[int(f.key)]
+        sources = list(e.sources) + (["attention"] if f.key in pointed and "attention" not in e.sources else [])
+        out.append(dataclasses.replace(e, score=float(f.score), sources=sources))
+    return out
 
 
 def final_result(events: Iterator[StreamEvent]) -> QueryResult:
@@ -329,7 +396,8 @@ class LocalStages(Stages):
 
     def __init__(self, engine) -> None:
         super().__init__(retriever=_LocalRetriever(engine), memory=_LocalMemory(engine),
-                         generator=GeneratorStage(engine), sessions=_LocalSessions(engine))
+                         generator=GeneratorStage(engine), sessions=_LocalSessions(engine),
+                         plan=engine.retriever.plan)
 
 
 class _LocalRetriever:
@@ -356,6 +424,10 @@ class _LocalMemory:
 
     async def key_points(self, name, version, unit_ids, max_new_tokens):
         return self.engine.clue_writer.key_points(name, version, list(unit_ids), max_new_tokens=max_new_tokens)
+
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
+        return self.engine.clue_writer.rerank(name, version, question, lines, dense_scores, prefix_unit=prefix_unit,
+                                              max_tokens=max_tokens)
 
 
 class GeneratorStage:

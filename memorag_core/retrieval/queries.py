@@ -74,6 +74,21 @@ class PlanConfig:
         pointer_normalize: ``mean`` (mass per kept entry), ``sqrt`` or ``sum`` (favours long chunks).
         depth: chunks per dense ranking before fusion (at least the budget).
         fusion: the fusion weights and constant.
+        text_clues: the ``memorag`` task decodes text clues (spans, surrogate questions) from the routed units'
+            memories and retrieves with them too. Off by default: with the embedded 135M model they cost ~25 s of
+            decoding per query on a 2-core CPU and moved held-out R@3 by -3.5 (docs/evaluation.md). A request
+            with ``use_draft`` decodes them (with the draft) whatever this says.
+        rerank_candidates: the ``memorag`` task retrieves this many fused candidates (at least ``top_k``) and the
+            memory model's calibrated attention re-ranks them (:mod:`memorag_core.retrieval.rerank`) before the
+            budget is cut; 0 turns re-ranking off. A memory model without a head set is not re-ranked (logged once;
+            the result then has no ``rerank`` timing).
+        rerank_weight: the attention ranking's weight against the retrieval's own (1) in the no-loss score
+            interpolation (``fusion.method="interpolate"``); 0 gives the retrieval's order back.
+        rerank_gate: drop the attention ranking for a query whose confidence (top-1 gap over the spread) is below.
+        rerank_prefix: read the candidates after the first routed unit's compressed memory (a new user turn of
+            its conversation) instead of in a fresh chat.
+        rerank_max_tokens: most candidate tokens the re-ranker reads (each candidate is cut to an equal share),
+            which bounds its cost and keeps the reading inside the memory model's context.
     """
 
     # pointers are opt-in until measured on a real sample (docs/evaluation.md, session 5): add "pointer" and set
@@ -88,6 +103,14 @@ class PlanConfig:
     pointer_normalize: str = "mean"
     depth: int = 10
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # the memorag task's default (issue 21, docs/evaluation.md Session 10): attention re-ranking of 20 candidates
+    # with the weight tuned on dev (4); text clues opt-in
+    text_clues: bool = False
+    rerank_candidates: int = 20
+    rerank_weight: float = 4.0
+    rerank_gate: float = 0.0
+    rerank_prefix: bool = False
+    rerank_max_tokens: int = 6144
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sources if s not in ("span", "surrogate", "draft", "key_point", "pointer")]
@@ -95,6 +118,15 @@ class PlanConfig:
             raise InvalidInputError(f"unknown clue sources {bad}")
         if not 0 < self.ground_min_overlap <= 1 or self.depth < 1 or self.pointer_depth < 0:
             raise InvalidInputError("ground_min_overlap must be in (0, 1], depth >= 1, pointer_depth >= 0")
+        if self.rerank_candidates < 0 or self.rerank_weight < 0 or not 0 <= self.rerank_gate <= 1:
+            raise InvalidInputError("rerank_candidates and rerank_weight must be >= 0, rerank_gate in [0, 1]")
+        if self.rerank_max_tokens < 256:
+            raise InvalidInputError(f"rerank_max_tokens must be >= 256, got {self.rerank_max_tokens}")
+
+    @property
+    def reranks(self) -> bool:
+        """Whether the memorag task re-ranks its candidates with the memory model's attention."""
+        return self.rerank_candidates > 0
 
     def to_dict(self) -> dict:
         """JSON-able settings (what a report records and :meth:`from_dict` reads back)."""

@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
+import weakref
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,8 +267,8 @@ class AttentionReranker:
             except _Stop:
                 pass
 
-    def read(self, question: str, candidates: Sequence[str], prefix: Any = None, layers: int | None = None
-             ) -> Reading:
+    def read(self, question: str, candidates: Sequence[str], prefix: Any = None, layers: int | None = None,
+             passage_tokens: int | None = None) -> Reading:
         """Read ``candidates`` (in this order) then ``question``; the calibrated attention per head and token.
 
         Args:
@@ -275,6 +277,7 @@ class AttentionReranker:
             prefix: a memory (e.g. the unit's ``CompressedKVMemory``) read before the candidates, or None. Its KV
                 cache is extended and cropped back: unchanged afterwards.
             layers: run only the first ``layers`` decoder layers (None: all); the rows of later layers are 0.
+            passage_tokens: cut each candidate line to this many tokens (None: ``config.max_passage_tokens``).
 
         Raises:
             InvalidInputError: no candidates, an empty question. MemoryNotReadyError: an empty prefix memory.
@@ -297,8 +300,9 @@ class AttentionReranker:
         ids, owner, chars = list(head_ids), [], []
         for i, text in enumerate(candidates):
             t_ids, t_off = self._encode(f"{text}\n", offsets=True)
-            if self.config.max_passage_tokens:
-                t_ids, t_off = t_ids[: self.config.max_passage_tokens], t_off[: self.config.max_passage_tokens]
+            cut = self.config.max_passage_tokens if passage_tokens is None else passage_tokens
+            if cut:
+                t_ids, t_off = t_ids[:cut], t_off[:cut]
             ids.extend(t_ids)
             owner.extend([i] * len(t_ids))
             chars.extend(t_off)
@@ -371,15 +375,35 @@ class AttentionReranker:
         """
         return self.rerank_reading(question, candidate_keys, candidate_texts, dense_scores, prefix_kv)[0]
 
+    def candidate_scores(self, question: str, lines: Sequence[str], dense_scores: Sequence[float], *,
+                         prefix: Any = None, max_tokens: int | None = None) -> list[float]:
+        """The calibrated attention score of each candidate line, in the caller's order (read weakest-first by
+        ``dense_scores``; each line cut to an equal share of ``max_tokens``). What the query composition's
+        re-ranking step asks of a memory stage."""
+        ranked = self.rerank_reading(question, list(range(len(lines))), lines, dense_scores, prefix, max_tokens)[0]
+        out = [0.0] * len(lines)
+        for i, score in ranked:
+            out[i] = score
+        return out
+
     def rerank_reading(self, question: str, candidate_keys: Sequence[Hashable], candidate_texts: Sequence[str],
-                       dense_scores: Sequence[float], prefix_kv: Any = None
+                       dense_scores: Sequence[float], prefix_kv: Any = None, max_tokens: int | None = None
                        ) -> tuple[list[tuple[Hashable, float]], Reading, np.ndarray]:
-        """:meth:`rerank` plus the :class:`Reading` and the reading order (candidate index read at each slot)."""
+        """:meth:`rerank` plus the :class:`Reading` and the reading order (candidate index read at each slot).
+
+        ``max_tokens``: most candidate tokens read in all; each candidate is cut to an equal share (None: no
+        budget beyond ``config.max_passage_tokens``)."""
         if not len(candidate_keys) == len(candidate_texts) == len(dense_scores):
             raise InvalidInputError(f"{len(candidate_keys)} keys, {len(candidate_texts)} texts and "
                                     f"{len(dense_scores)} dense scores: they must match")
         order = reading_order(dense_scores)
-        reading = self.read(question, [candidate_texts[i] for i in order], prefix_kv, self.needed_layers(prefix_kv))
+        share = None
+        if max_tokens is not None and candidate_texts:
+            share = max(1, max_tokens // len(candidate_texts))
+            if self.config.max_passage_tokens:
+                share = min(share, self.config.max_passage_tokens)
+        reading = self.read(question, [candidate_texts[i] for i in order], prefix_kv, self.needed_layers(prefix_kv),
+                            passage_tokens=share)
         att = np.empty(len(order), dtype=np.float64)
         att[order] = reading.scores(self.heads.heads)  # back to the caller's candidate order
         ranked = sorted(range(len(order)), key=lambda i: (-att[i], i))
@@ -390,6 +414,38 @@ class AttentionReranker:
                     heads: Sequence[tuple[int, int]] | None = None, width: int = 3) -> str:
         """:func:`bridge_span` with the reranker's head set by default."""
         return bridge_span(reading, candidates, slots, heads if heads is not None else self.heads.heads, width)
+
+
+_RERANKERS: "weakref.WeakKeyDictionary[Any, AttentionReranker | None]" = weakref.WeakKeyDictionary()
+_RERANKERS_LOCK = threading.Lock()
+
+
+def reranker_for(model: Any, tokenizer: Any) -> AttentionReranker | None:
+    """The :class:`AttentionReranker` over a loaded memory model with its packaged head set, made once per model
+    object; None when no head set ships for the model (then nothing is re-ranked: choose heads with
+    ``python -m jobs.select_heads``)."""
+    with _RERANKERS_LOCK:
+        if model in _RERANKERS:
+            return _RERANKERS[model]
+        try:
+            reranker: AttentionReranker | None = AttentionReranker(model, tokenizer)
+        except HeadSetMismatchError as exc:
+            logger.warning("no attention re-ranking for this memory model: %s", exc)
+            reranker = None
+        _RERANKERS[model] = reranker
+        return reranker
+
+
+def memory_scores(memory: Any, question: str, lines: Sequence[str], dense_scores: Sequence[float], *,
+                  prefix: bool = False, max_tokens: int | None = None) -> list[float] | None:
+    """The calibrated attention of ``memory``'s model to each candidate line (the caller's order), or None when
+    the model has no head set. ``prefix``: read the candidates after the memory's current contents (a unit's
+    compressed memory, imported by the caller). The memory stages of every door call this."""
+    reranker = reranker_for(memory.model, memory.tokenizer)
+    if reranker is None:
+        return None
+    return reranker.candidate_scores(question, lines, dense_scores, prefix=memory if prefix else None,
+                                     max_tokens=max_tokens)
 
 
 def bridge_span(reading: Reading, candidates: Sequence[str], slots: Sequence[int],

@@ -112,7 +112,8 @@ class Ingress:
         self.rates = RateLimiter(config.limits.key_rate_per_s, config.limits.key_burst)
         self._collections: tuple[list, float] | None = None
         self.memory, self.retriever, self.generator = memory, retriever, generator
-        self.composition = QueryComposition(HandleStages(memory, retriever, generator))
+        self.composition = QueryComposition(HandleStages(memory, retriever, generator,
+                                                         plan=config.retriever.plan_config()))
         self.metrics = IngressMetrics()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -250,9 +251,9 @@ class Ingress:
 class HandleStages(Stages):
     """The composition's stages over deployment handles: each call is one ``.remote`` awaited."""
 
-    def __init__(self, memory, retriever, generator) -> None:
+    def __init__(self, memory, retriever, generator, plan=None) -> None:
         super().__init__(retriever=_RetrieverCalls(retriever), memory=_MemoryCalls(memory),
-                         generator=_GeneratorCalls(generator), sessions=_SessionCalls(memory))
+                         generator=_GeneratorCalls(generator), sessions=_SessionCalls(memory), plan=plan)
 
 
 class _RetrieverCalls:
@@ -278,6 +279,9 @@ class _MemoryCalls:
 
     async def key_points(self, name, version, unit_ids, max_new_tokens):
         return await self.h.key_points.remote(name, version, unit_ids, max_new_tokens)
+
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
+        return await self.h.rerank.remote(name, version, question, lines, dense_scores, prefix_unit, max_tokens)
 
 
 class _SessionCalls:

@@ -174,6 +174,12 @@ class MemoryWorker(SessionWorker, _CatalogOwner):
             self.m_cache.inc(tags={"result": "hit" if c.cached else "miss"})
         return r
 
+    async def rerank(self, name: str, version: str, question: str, lines: list[str], dense_scores: list[float],
+                     prefix_unit: str | None = None, max_tokens: int | None = None) -> list[float] | None:
+        """The memory model's calibrated attention to each candidate (see :meth:`ClueWriter.rerank`)."""
+        return await asyncio.to_thread(self.writer.rerank, name, version, question, lines, dense_scores,
+                                       prefix_unit=prefix_unit, max_tokens=max_tokens)
+
     def stats(self) -> dict:
         return self.writer.stats()
 

@@ -9,12 +9,17 @@ import pytest
 
 from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError, InvalidInputError
 from memorag_core.query import CollectionCatalog, QueryEngine, QueryRequest
+from memorag_core.retrieval.queries import PlanConfig
 from memorag_core.store import CollectionStore
+
+# these tests exercise the clue writer: text clues on (the default plan re-ranks instead, and a tiny random model
+# has no attention head set: tests/memorag_core/query/test_rerank_step.py covers that path)
+CLUES = PlanConfig(text_clues=True)
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_collection) -> QueryEngine:
-    return QueryEngine(tiny_collection.store, refresh_s=0.0, device="cpu")
+    return QueryEngine(tiny_collection.store, refresh_s=0.0, device="cpu", plan=CLUES)
 
 
 def test_memorag_query_routes_writes_clues_and_finds_the_right_document(engine, tiny_collection):
@@ -137,7 +142,7 @@ def test_new_version_is_picked_up_and_old_one_stays_leased(tiny_collection, tmp_
 def test_damaged_unit_memory_is_refused(tiny_collection, tmp_path):
     store = tmp_path / "store"
     shutil.copytree(tiny_collection.store, store)
-    eng = QueryEngine(str(store), refresh_s=0.0, device="cpu")
+    eng = QueryEngine(str(store), refresh_s=0.0, device="cpu", plan=CLUES)
     req = QueryRequest("Who built the lighthouse?", units=1, top_k=1, max_new_tokens=2, clue_max_new_tokens=4)
     unit = eng.retriever.route("facts", tiny_collection.version, req.query, 1)[0].unit_id
     path = Path(CollectionStore(str(store)).unit_memory_url(unit).removeprefix("file://"))
