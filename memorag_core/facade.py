@@ -440,18 +440,21 @@ class MemoRAG:
                               top_k=min(top_k, len(self.retriever.corpus)), config=self.plan_config,
                               grounder=self.grounder())
 
-    def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None) -> list:
+    def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None, *,
+                 task: str = "memorag") -> list:
         """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
         rank (the question's own ranking counts most), then re-ranked by the memory model's attention when the plan
         re-ranks (``plan_config.rerank_candidates``); list of retrieval ``Hit``, best first. The composition's
-        retrieve and rerank steps over this bundle."""
+        retrieve and rerank steps over this bundle. ``task="qa"``: plain RAG (no re-ranking, as the qa task)."""
         from memorag_core.query.compose import complete
         from memorag_core.query.types import UnitClues
         from memorag_core.retrieval import Hit
 
         if not self.retriever.corpus:
             raise MemoryNotReadyError("nothing is indexed: call memorize(context), index_corpus or load first")
-        state = self._state(query, task="memorag" if query else "summarize", top_k=hits or self.ret_hit)
+        if task not in ("memorag", "qa"):
+            raise InvalidInputError(f"evidence is retrieved for the memorag or qa task, not {task!r}")
+        state = self._state(query, task=task if query else "summarize", top_k=hits or self.ret_hit)
         if clues is not None:
             state.clues = [UnitClues(BUNDLE_UNIT, spans=list(clues.spans), surrogates=list(clues.surrogates),
                                      draft=clues.draft_answer, pointers=list(clues.pointers))]

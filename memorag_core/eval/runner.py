@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 MODES = ("full", "rag", "rag_matched", "memorag", "memorag_draft")
 SETTINGS = ("per_question", "pooled")
 _MEMORY_MODES = ("memorag", "memorag_draft")
+#: the wider budget whose recall is recorded beside R@k (``recall_at_5``; per question only)
+R_AT_WIDE = 5
 _RETRIEVAL_MODES = ("rag", "rag_matched", "memorag", "memorag_draft")
 
 
@@ -359,6 +361,13 @@ class EvalRunner:
         write_report(results, self.out_dir)
         return results
 
+    def _reads_memory(self, modes: list[str]) -> bool:
+        """Whether these modes read the question's compressed memory: text clues, a draft, or re-ranking after the
+        memory (``rerank_prefix``). The default memorag path re-ranks with the memory *model* over the candidates
+        alone, so the per-question memory is not written for it (nothing would read it)."""
+        plan = self.pipeline.plan_config
+        return plan.text_clues or plan.rerank_prefix or "memorag_draft" in modes
+
     def _save(self, results: dict[str, Any]) -> None:
         """Write predictions.json with the setting's wall time so far (summed over resumed sessions)."""
         block, before, start = self._wall
@@ -384,7 +393,7 @@ class EvalRunner:
             pre: dict[str, float] = {}
             if any(m in _RETRIEVAL_MODES for m in todo):
                 pre["index"] = self._index(chunks, context)
-            if any(m in _MEMORY_MODES for m in todo):
+            if any(m in _MEMORY_MODES for m in todo) and self._reads_memory(todo):
                 t = time.perf_counter()
                 self.pipeline.memory.reset()
                 self.pipeline.memory.memorize(context)
@@ -432,7 +441,8 @@ class EvalRunner:
             "recall_at_k": evidence_recall(titles[: self.config.hits], ex.supporting_titles),
             "recall_evidence": evidence_recall(titles, ex.supporting_titles),
             "prediction": result.answer, "scores": self._score(result.answer, ex),
-            "seconds": {k: v for k, v in result.timings.items() if k in ("route", "clues", "retrieve", "generate")},
+            "seconds": {k: v for k, v in result.timings.items()
+                        if k in ("route", "clues", "retrieve", "rerank", "generate")},
             "tokens_read": self.count_tokens(ex.question) + sum(self.count_tokens(e.text) for e in result.evidence),
             "tokens_generated": self.count_tokens(result.answer),
         }
@@ -567,7 +577,9 @@ class EvalRunner:
                 seconds["index"] = pre["index"]
             draft = None
             clues = None
-            if mode in _MEMORY_MODES:
+            # the composition's rule: the memorag task decodes text clues when the plan asks for them, a draft
+            # always (memorag_draft is the request's use_draft)
+            if mode in _MEMORY_MODES and (self.pipeline.plan_config.text_clues or mode == "memorag_draft"):
                 if "memorize" in pre:
                     seconds["memorize"] = pre["memorize"]
                 clues, seconds["clues"] = self._clues(ex, mode)
@@ -577,13 +589,20 @@ class EvalRunner:
                 record["clues"] = {"spans": list(clues.spans), "surrogates": list(clues.surrogates),
                                    "draft_answer": draft, "pointers": [k for k, _ in clues.pointers[:5]]}
                 generated += sum(self.count_tokens(s) for s in [*clues.spans, *clues.surrogates, draft or ""])
+            elif mode in _MEMORY_MODES and "memorize" in pre:
+                seconds["memorize"] = pre["memorize"]
             budget = c.hits
             if mode == "rag_matched":
                 budget = self._matched_budget(ex)
             t = time.perf_counter()
-            # the facade's own path (question + clues -> fused top ``budget``); without clues: plain dense retrieval
-            hits = self.pipeline.evidence(ex.question, clues, hits=budget)
-            seconds["retrieve"] = time.perf_counter() - t
+            # the facade's own path: question (+ clues) -> fused candidates -> (memorag: attention re-ranking) ->
+            # the top ``budget``; rag modes are plain dense retrieval (the qa task). The best R_AT_WIDE are read
+            # for R@5: the budget's passages are their first ``budget`` (one ranking, cut twice)
+            wide = max(budget, R_AT_WIDE)
+            ranked = self.pipeline.evidence(ex.question, clues, hits=wide,
+                                            task="memorag" if mode in _MEMORY_MODES else "qa")
+            hits = ranked[:budget]
+            seconds["retrieve"] = time.perf_counter() - t  # the re-ranking included (memorag)
             if clues is not None and clues.plan is not None:
                 plan = clues.plan
                 record["retrieval_queries"] = [q for _, q in plan.queries]
@@ -596,6 +615,9 @@ class EvalRunner:
             record["evidence_titles"] = [chunks[i].title for i in evidence_ids]
             record["recall_at_k"] = evidence_recall([chunks[i].title for i in topk_ids], ex.supporting_titles)
             record["recall_evidence"] = evidence_recall(record["evidence_titles"], ex.supporting_titles)
+            wide_ids, _ = self._rank_hits(ranked, chunks)
+            record[f"recall_at_{R_AT_WIDE}"] = evidence_recall([chunks[i].title for i in wide_ids[:R_AT_WIDE]],
+                                                               ex.supporting_titles)
         t = time.perf_counter()
         prediction = self.pipeline.answer_from_evidence(ex.question, evidence, max_new_tokens=c.answer_max_new_tokens)
         seconds["generate"] = time.perf_counter() - t

@@ -199,6 +199,6 @@ def test_the_facade_runs_the_query_composition_over_its_bundle(pipe, book):
     qa = pipe.stream(q, "qa", max_new_tokens=4)
     qa = [e for e in qa if e.kind == "final"][0].result
     assert qa.units == [] and qa.clues == [] and qa.retrieval_queries == [("question", q)]
-    assert [int(e.chunk_id) for e in qa.evidence] == [h.chunk_id for h in pipe.evidence(q, None)]
+    assert [int(e.chunk_id) for e in qa.evidence] == [h.chunk_id for h in pipe.evidence(q, None, task="qa")]
     with pytest.raises(InvalidInputError, match="placeholder"):
         pipe(query=q, prompt_template="{nope} {context}", max_new_tokens=2)

@@ -65,7 +65,12 @@ class _Counting:
         return self.inner.answer_from_evidence(*a, **kw)
 
 
-def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeline, examples):
+def test_run_records_every_mode_and_resumes(tmp_path, tiny_lm_dir, shared_pipeline, examples, monkeypatch):
+    from memorag_core.retrieval.queries import PlanConfig
+
+    # text clues on, so that both memory modes decode (and share) clues; the default plan decodes them for
+    # memorag_draft only (test_memorag_mode_follows_the_plan)
+    monkeypatch.setattr(shared_pipeline, "plan_config", PlanConfig(text_clues=True))
     config = _config(tmp_path, tiny_lm_dir)
     pipeline = _Counting(shared_pipeline)
     runner = EvalRunner(config, pipeline=pipeline)
@@ -197,3 +202,21 @@ def test_rank_hits_maps_hits_to_chunks_and_takes_the_top_by_score(tmp_path, tiny
         from memorag_core.eval.datasets import load_examples
 
         runner._matched_budget(load_examples(HOTPOT, limit=1)[0])
+
+
+def test_memorag_mode_follows_the_plan(tmp_path, tiny_lm_dir, shared_pipeline, examples):
+    """The default plan: memorag decodes no text clues (it re-ranks; a tiny random model has no head set, so its
+    order is the retrieval's), memorag_draft decodes them with the draft; R@5 is recorded beside R@k."""
+    config = _config(tmp_path, tiny_lm_dir, modes=("rag", "memorag", "memorag_draft"), settings=("per_question",))
+    pipeline = _Counting(shared_pipeline)
+    results = EvalRunner(config, pipeline=pipeline).run(examples)
+    preds = results["settings"]["per_question"]["predictions"]
+    assert pipeline.calls["clues"] == len(examples)  # memorag_draft's decodes only
+    for ex in examples:
+        assert "clues" not in preds["memorag"][ex.id] and preds["memorag_draft"][ex.id]["clues"]["draft_answer"]
+        for mode in ("rag", "memorag"):
+            rec = preds[mode][ex.id]
+            assert rec["recall_at_5"] >= rec["recall_at_k"] and len(rec["evidence_chunk_ids"]) == config.hits
+        # no head set: the memorag mode's passages are the question's, as rag's
+        assert preds["memorag"][ex.id]["evidence_chunk_ids"] == preds["rag"][ex.id]["evidence_chunk_ids"]
+    assert "R@5" in (tmp_path / "out" / "results.md").read_text()
