@@ -59,7 +59,7 @@ QUESTIONS = [
     "How much of its length has the Sorvik glacier lost?",
     "Who measures the glacier front every August?",
 ]
-STAGES = ("route", "clues", "retrieve", "generate", "total")
+STAGES = ("route", "clues", "retrieve", "rerank", "generate", "total")
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--units", type=int, default=1)
     ap.add_argument("--task", default="memorag", choices=["memorag", "qa"], help="the real clients' task")
     ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--plan", default=None, help="a JSON file of retrieval plan settings (the serve config's "
+                    "retriever.plan), e.g. {\"text_clues\": true, \"rerank_candidates\": 0} for the clue path")
     ap.add_argument("--max-in-flight", type=int, default=32, help="per ingress replica (429 beyond)")
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     ap.add_argument("--ray-address", default=None, help="join this Ray cluster (loopback) instead of a new one")
@@ -283,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         "limits": {"max_in_flight": args.max_in_flight, "max_new_tokens": max(64, args.max_new_tokens)},
         "ingress": {"deployment": {**small, "max_ongoing_requests": args.max_in_flight * 2 + 8}},
         "memory": {"device": args.device, "deployment": {**small, **gpu, "max_ongoing_requests": 64}},
-        "retriever": {"device": args.device, "deployment": {**small, **gpu, "max_ongoing_requests": 64}},
+        "retriever": {"device": args.device, "deployment": {**small, **gpu, "max_ongoing_requests": 64},
+                      **({"plan": json.loads(Path(args.plan).read_text())} if args.plan else {})},
         "generator": gen,
     }
     cfg = app_config(args.store, host="127.0.0.1", config_file=args.config, no_auth=not args.flood, overrides=over)

@@ -183,6 +183,11 @@ def test_one_request_four_doors_same_evidence_and_same_greedy_answer(served, tmp
     answers = [by_cli["answer"], by_http["answer"], chat.choices[0].message.content, record["prediction"]]
     assert all(a == answers[0] for a in answers), answers
     assert {by_cli["version"], by_http["version"], by_chat["version"], record["version"]} == {served.version}
+    # the default memorag task: SmolLM2's packaged heads re-ranked the candidates at every door, no text clues
+    for d in (by_cli, by_http, by_chat):
+        assert "rerank" in d["timings"] and d["clues"] == []
+        assert any("attention" in e["sources"] for e in d["evidence"])
+    assert record["seconds"]["rerank"] > 0
 
 
 def test_keys_missing_unknown_other_collection_and_revoked(served):
