@@ -95,19 +95,9 @@ JSON_FIELDS = {f.name for f in dataclasses.fields(EvalConfig)
 
 def json_arg(text: str, name: str) -> dict:
     """A JSON object given inline or as the path of a JSON file; InvalidInputError naming the flag otherwise."""
-    import json
+    from memorag_core.errors import read_json_object
 
-    from memorag_core.errors import InvalidInputError
-
-    try:
-        raw = text if text.lstrip().startswith("{") else Path(text).read_text()
-        value = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"--{name.replace('_', '-')} must be a JSON object or the path of a JSON file: "
-                                f"{exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidInputError(f"--{name.replace('_', '-')} must be a JSON object")
-    return value
+    return read_json_object(text, f"--{name.replace('_', '-')}", inline=True)
 
 
 def merge(paths: list[str], out_dir: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import json
 import logging
 import sys
 import typing
@@ -98,17 +97,9 @@ def usage_error(ctx: typer.Context, message: str) -> None:
 
 def _config_file(path: Optional[Path]) -> dict:
     """The JSON of a ``--config`` file (``{}`` without one); InvalidInputError names an unreadable file."""
-    from memorag_core.errors import InvalidInputError
+    from memorag_core.errors import read_json_object
 
-    if path is None:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"--config {path}: cannot read a JSON config ({exc})") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"--config {path}: expected a JSON object")
-    return data
+    return {} if path is None else read_json_object(path, f"--config {path}")
 
 
 def _put(data: dict, path: str, value: Any) -> None:

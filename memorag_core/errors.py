@@ -82,3 +82,20 @@ class QuotaExceededError(MemoRAGError):
 class HeadSetMismatchError(ArtifactError):
     """An attention head set (re-ranking) was chosen for another model's architecture, names heads the model does
     not have, or none ships for the model: choose heads for it with ``python -m jobs.select_heads``."""
+
+
+def read_json_object(source, what: str, *, inline: bool = False) -> dict:
+    """The JSON object of a settings file (``--config``, ``--plan``, ...), or of ``source`` itself when ``inline``
+    and it opens with ``{``. Raises InvalidInputError naming ``what`` and the cause (unreadable file, bad JSON, not
+    an object): the one reader of every JSON settings argument."""
+    import json
+    from pathlib import Path
+
+    text_given = inline and str(source).lstrip().startswith("{")
+    try:
+        value = json.loads(str(source) if text_given else Path(source).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{what}: cannot read a JSON object ({exc})") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what}: expected a JSON object, got {type(value).__name__}")
+    return value

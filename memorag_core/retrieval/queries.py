@@ -166,18 +166,11 @@ class PlanConfig:
 def load_plan_config(path: str | None) -> PlanConfig:
     """A :class:`PlanConfig` from a JSON file (None: the defaults). The CLI's ``--plan``, the evaluation's and
     the serve config's ``retriever.plan`` all read the same fields."""
+    from memorag_core.errors import read_json_object
+
     if path is None:
         return PlanConfig()
-    import json
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read retrieval plan settings from {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{path} must hold a JSON object of retrieval plan settings")
-    return PlanConfig.from_dict(data)
+    return PlanConfig.from_dict(read_json_object(path, f"retrieval plan settings {path}"))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from memorag_core.query import QueryEngine, QueryRequest, run_sync
-from memorag_core.query.compose import QueryComposition, Stages, complete, final_result, reranked
+from memorag_core.query.compose import QueryComposition, Stages, final_result, reranked
 from memorag_core.query.types import Evidence, RoutedUnit, UnitClues
 from memorag_core.retrieval.queries import PlanConfig
 
