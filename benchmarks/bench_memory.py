@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memorag_core.memory import MemoryConfig, build_memory  # noqa: E402
+from memorag_core.memory.profiling import peak_extra_bytes  # noqa: E402
 from memorag_core.models import load_causal_lm  # noqa: E402
 
 
@@ -86,33 +87,6 @@ def mistral_shaped(device: str, layers: int = 32):
         model = MistralForCausalLM(config).to(torch.bfloat16).eval()
     tok = load_tokenizer(None)
     return model, tok
-
-
-def peak_extra_bytes(fn, device: torch.device) -> int:
-    """Peak bytes allocated on ``device`` while ``fn()`` runs, beyond what was allocated before."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # + allocated, - freed
-        stack.extend(node.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def random_memory(model, tok, entries: int, window: int, **config):

@@ -124,9 +124,12 @@ async def client_loop(url: str, body_base: dict, deadline: float, rec: Recorder,
 
 def memory_worker_pids() -> list[int]:
     """PIDs of the live MemoryWorker replica actors."""
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    # this process's Ray (another Ray on the machine would make the address ambiguous)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         limit=1000)
     return [a.pid for a in actors if "MemoryWorker" in (a.class_name or "") and a.pid]
 
 

@@ -10,40 +10,17 @@ larger and fails the bound. ``masked_gqa_is_fused`` is forced off so that the CP
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 from memorag_core.memory import MemoryConfig, attention, build_memory, scoring
 from memorag_core.memory.kv_decode import decode_after_cache
+from memorag_core.memory.profiling import peak_extra_bytes
 from tests.memorag_core.memory.test_families import TEXT, _tokenizer
 
 M = 4096  # memory entries per layer
 KV_HEADS, HEAD_DIM = 2, 64
 LAYER_BYTES = 2 * KV_HEADS * M * HEAD_DIM * 4  # one layer's K + V, float32
-
-
-def peak_extra_bytes(fn) -> int:
-    """Peak bytes allocated on the CPU while ``fn()`` runs, beyond what existed before: the allocation and free
-    events that torch.profiler records with ``profile_memory=True``, summed in time order."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))  # + allocated, - freed
-        stack.extend(node.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.fixture(scope="module")
