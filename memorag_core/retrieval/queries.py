@@ -104,10 +104,11 @@ class PlanConfig:
     depth: int = 10
     fusion: FusionConfig = field(default_factory=FusionConfig)
     # the memorag task's default (issue 21, docs/evaluation.md Session 10): attention re-ranking of 20 candidates
-    # with the weight tuned on dev (4); text clues opt-in
+    # with the weight tuned on dev (16: the attention decides, the retrieval's scores break near-ties); text clues
+    # opt-in
     text_clues: bool = False
     rerank_candidates: int = 20
-    rerank_weight: float = 4.0
+    rerank_weight: float = 16.0
     rerank_gate: float = 0.0
     rerank_prefix: bool = False
     rerank_max_tokens: int = 6144

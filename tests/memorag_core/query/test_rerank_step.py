@@ -68,7 +68,7 @@ def test_the_attention_decides_among_the_candidates_and_top_k_reach_the_generato
     lines, dense, prefix, budget = stages.calls["rerank"][0]
     assert lines[0] == "[doc0] passage number 0" and dense[:2] == [30.0, 29.0] and prefix is None and budget == 6144
     assert len(r.evidence) == 3 and len(stages.calls["generate"][0]) == 3
-    assert [e.doc_id for e in r.evidence] == ["doc19", "doc18", "doc17"]  # weight 4 of attention vs 1 of retrieval
+    assert [e.doc_id for e in r.evidence] == ["doc19", "doc18", "doc17"]  # weight 16 of attention vs 1 of retrieval
     assert all("attention" in e.sources for e in r.evidence) and "rerank" in r.timings
     assert stages.calls["clues"] == []  # text clues are opt-in
 
