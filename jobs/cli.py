@@ -170,7 +170,8 @@ def ask(
     json_output: bool = typer.Option(False, "--json", help="print the answer as the HTTP API's JSON object "
                                      "(POST /v1/collections/{name}/query), nothing else"),
     task: Literal["memorag", "qa", "summarize"] = typer.Option(
-        "memorag", help="qa (plain RAG: the question alone retrieves) | memorag (clues + retrieval) | summarize"),
+        "memorag", help="qa (plain RAG: the question alone retrieves) | memorag (candidates re-ranked by the memory "
+        "model's attention; text clues with --plan) | summarize"),
     model: Optional[str] = typer.Option(None, help="memory model (default: the one the bundle was memorized with)"),
     embedder: Optional[str] = typer.Option(None, help="embedder (default: the one the bundle records; another "
                                            "one is refused by name)"),

@@ -45,8 +45,8 @@ class QueryRequest:
 
     Attributes:
         query: the question (None only for ``task="summarize"``).
-        task: ``memorag`` (clues from unit memories drive retrieval), ``qa`` (the question alone retrieves: plain
-            RAG, no memory), ``summarize`` (key points from memories; ``doc_id`` for one document, else the
+        task: ``memorag`` (the memory model's attention re-ranks the retrieved candidates; text clues from unit
+            memories when the plan asks), ``qa`` (the question alone retrieves: plain RAG, no memory model), ``summarize`` (key points from memories; ``doc_id`` for one document, else the
             collection).
         max_new_tokens: most tokens of the answer.
         units: most unit memories that write clues.
