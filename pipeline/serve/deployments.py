@@ -121,6 +121,8 @@ class MemoryWorker(SessionWorker, _CatalogOwner):
             try:
                 view = self.catalog.view(name, version)
                 self.writer.memory_for(view)
+                # the re-ranker's head set and first call (the memorag task's default step)
+                self.writer.rerank(name, version, "warm-up", ["[warm-up] a passage"], [0.0])
                 done["collections"] += 1
                 for uid in view.units:
                     cache = self.writer.stats()["cache"]

@@ -103,10 +103,16 @@ def test_query_answers_with_clues_evidence_version_and_timings(served):
     assert r.status_code == 200, r.text
     d = r.json()
     assert d["version"] == served.version and d["collection"] == "facts" and d["task"] == "memorag"
-    assert isinstance(d["answer"], str) and len(d["clues"]) == 1 and d["clues"][0]["unit_id"]
+    assert isinstance(d["answer"], str) and d["clues"] == []  # the default: re-ranking, no text clues
     assert {"doc_id", "unit_id", "chunk_id", "score", "text"} <= set(d["evidence"][0])
     assert "lighthouse" in [e["doc_id"] for e in d["evidence"]]
-    assert set(d["timings"]) >= {"route", "clues", "retrieve", "generate", "total"}
+    assert set(d["timings"]) >= {"route", "clues", "retrieve", "rerank", "generate", "total"}
+    for _ in range(2):  # a draft decodes the unit's clues (the second time from the memory cache)
+        drafted = post(served, {"query": QUESTION, "use_draft": True, **FAST})
+        assert drafted.status_code == 200, drafted.text
+        c = drafted.json()["clues"]
+        assert len(c) == 1 and c[0]["unit_id"] and "rerank" in drafted.json()["timings"]
+    assert c[0]["cached"]
     qa = post(served, {"query": "Who discovered the comet Ilves-7?", "task": "qa", "top_k": 1, "max_new_tokens": 2})
     assert qa.status_code == 200 and qa.json()["clues"] == [] and qa.json()["evidence"][0]["doc_id"] == "observatory"
 
