@@ -143,3 +143,32 @@ def test_the_embedded_memory_model_reranks_a_published_collection(embedded_colle
                           prefix_unit=unit)
     assert len(plain) == len(after) == 3 and plain != after  # the memory changes what the model reads
     assert max(range(3), key=lambda i: plain[i]) == 0
+
+
+def test_the_facade_reranks_and_reads_its_memory_first_when_the_plan_says(tiny_lm_dir, shared_data_dir, monkeypatch):
+    """The facade's evidence() and __call__ run the rerank step over the bundle; rerank_prefix routes the bundle
+    unit first so the memory model reads the candidates after the memory (the scores are faked here: the tiny
+    random model has no head set)."""
+    from memorag_core.facade import MemoRAG
+    from memorag_core.memory import MemoryConfig
+    from memorag_core.retrieval import rerank as rr
+
+    seen = []
+
+    def fake_scores(memory, question, lines, dense_scores, *, prefix=False, max_tokens=None):
+        seen.append((prefix, len(lines), max_tokens))
+        return [float(i) for i in range(len(lines))]  # the weakest candidate first
+
+    monkeypatch.setattr(rr, "memory_scores", fake_scores)
+    pipe = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256),
+                   retrieval_chunk_size=128, plan_config=PlanConfig(rerank_candidates=6))
+    pipe.memorize((shared_data_dir / "harry_potter.txt").read_text(encoding="utf-8")[:4000])
+    q = "Who lives at number four, Privet Drive?"
+    plain = pipe.evidence(q, None, hits=6, task="qa")
+    top = pipe.evidence(q, None, hits=2)
+    assert seen[-1] == (False, 6, 6144) and [h.chunk_id for h in top] == [plain[5].chunk_id, plain[4].chunk_id]
+    pipe.plan_config = PlanConfig(rerank_candidates=6, rerank_prefix=True)
+    pipe.evidence(q, None, hits=2)
+    assert seen[-1][0] is True
+    pipe(query=q, max_new_tokens=2)
+    assert seen[-1][0] is True and len(seen) == 3
