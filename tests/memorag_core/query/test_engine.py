@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memorag_core.errors import ArtifactNotFoundError, CorruptArtifactError, InvalidInputError
-from memorag_core.query import CollectionCatalog, QueryEngine, QueryRequest
+from memorag_core.query import QueryEngine, QueryRequest
 from memorag_core.retrieval.queries import PlanConfig
 from memorag_core.store import CollectionStore
 
