@@ -22,7 +22,11 @@ def test_memorize_then_ask(tiny_lm_dir, shared_data_dir, tmp_path, capsys):
     # ask reads model, ratio and window from the bundle: no flags needed
     assert main(["ask", "Who lives on Privet Drive?", "--from", str(bundle), "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "clues:" in out and "answer:" in out and "retrieved" in out
+    assert "answer:" in out and "retrieved" in out and "clues:" not in out  # the default writes no text clues
+    assert main(["ask", "Who lives on Privet Drive?", "--from", str(bundle), "--max-new-tokens", "4",
+                 "--use-memory-answer"]) == 0
+    out = capsys.readouterr().out
+    assert "clues:" in out and "answer:" in out
     # a flag that contradicts the bundle is an override, refused by the memory file's fingerprint check
     assert main(["ask", "Who?", "--from", str(bundle), "--ratio", "8", "--max-new-tokens", "3"]) == 2
     assert "load it with the same model and config" in capsys.readouterr().err
@@ -65,7 +69,7 @@ def test_ask_a_published_collection(tiny_collection, capsys):
     store = tiny_collection.store
     args = ["--collection", "facts", "--store", store, "--units", "1", "--top-k", "2", "--max-new-tokens", "4",
             "--clue-max-new-tokens", "8"]
-    assert main(["ask", "Who built the lighthouse of Varnholm?", *args]) == 0
+    assert main(["ask", "Who built the lighthouse of Varnholm?", *args, "--use-memory-answer"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("answer: ") and "clues:" in out and f"evidence (facts @ {tiny_collection.version})" in out
     assert "lighthouse  score" in out and "retrieve" in out
