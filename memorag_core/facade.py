@@ -459,8 +459,8 @@ class MemoRAG:
             state.clues = [UnitClues(BUNDLE_UNIT, spans=list(clues.spans), surrogates=list(clues.surrogates),
                                      draft=clues.draft_answer, pointers=list(clues.pointers))]
         comp = self._composition()
-        if state.request.task == "memorag" and self.plan_config.rerank_prefix:
-            complete(comp.route(state))  # the re-ranker reads the candidates after the routed unit's memory
+        if state.request.task == "memorag":
+            complete(comp.route(state))  # as run() does: the re-ranker may read after the routed unit's memory
         complete(comp.retrieve(state))
         complete(comp.rerank(state))
         return [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in state.evidence]

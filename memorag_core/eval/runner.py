@@ -366,7 +366,7 @@ class EvalRunner:
         memory (``rerank_prefix``). The default memorag path re-ranks with the memory *model* over the candidates
         alone, so the per-question memory is not written for it (nothing would read it)."""
         plan = self.pipeline.plan_config
-        return plan.text_clues or plan.rerank_prefix or "memorag_draft" in modes
+        return plan.decodes_clues("memorag_draft" in modes) or plan.rerank_prefix
 
     def _save(self, results: dict[str, Any]) -> None:
         """Write predictions.json with the setting's wall time so far (summed over resumed sessions)."""
@@ -577,11 +577,11 @@ class EvalRunner:
                 seconds["index"] = pre["index"]
             draft = None
             clues = None
-            # the composition's rule: the memorag task decodes text clues when the plan asks for them, a draft
-            # always (memorag_draft is the request's use_draft)
-            if mode in _MEMORY_MODES and (self.pipeline.plan_config.text_clues or mode == "memorag_draft"):
-                if "memorize" in pre:
-                    seconds["memorize"] = pre["memorize"]
+            if mode in _MEMORY_MODES and "memorize" in pre:
+                seconds["memorize"] = pre["memorize"]
+            # the composition's rule (PlanConfig.decodes_clues): text clues when the plan asks, with a draft always
+            # (memorag_draft is the request's use_draft)
+            if mode in _MEMORY_MODES and self.pipeline.plan_config.decodes_clues(mode == "memorag_draft"):
                 clues, seconds["clues"] = self._clues(ex, mode)
                 draft = clues.draft_answer if mode == "memorag_draft" else None
                 if mode == "memorag" and clues.draft_answer is not None:
@@ -589,8 +589,6 @@ class EvalRunner:
                 record["clues"] = {"spans": list(clues.spans), "surrogates": list(clues.surrogates),
                                    "draft_answer": draft, "pointers": [k for k, _ in clues.pointers[:5]]}
                 generated += sum(self.count_tokens(s) for s in [*clues.spans, *clues.surrogates, draft or ""])
-            elif mode in _MEMORY_MODES and "memorize" in pre:
-                seconds["memorize"] = pre["memorize"]
             budget = c.hits
             if mode == "rag_matched":
                 budget = self._matched_budget(ex)

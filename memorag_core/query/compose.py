@@ -246,7 +246,7 @@ class QueryComposition:
         r = state.request
         t = time.perf_counter()
         ids = [u.unit_id for u in state.units]
-        wanted = self.plan.text_clues or r.use_draft if text_clues is None else text_clues
+        wanted = self.plan.decodes_clues(r.use_draft) if text_clues is None else text_clues
         if r.task == "memorag" and ids and wanted:
             state.clues = await self.stages.memory.clues(state.name, state.version, ids, state.question,
                                                          r.clue_max_new_tokens, r.use_draft)

@@ -129,6 +129,11 @@ class PlanConfig:
         """Whether the memorag task re-ranks its candidates with the memory model's attention."""
         return self.rerank_candidates > 0
 
+    def decodes_clues(self, use_draft: bool) -> bool:
+        """Whether the memorag task decodes text clues: the plan asks for them, or the request wants a draft
+        (the composition's clue step and the per-question evaluation follow this one rule)."""
+        return self.text_clues or use_draft
+
     def to_dict(self) -> dict:
         """JSON-able settings (what a report records and :meth:`from_dict` reads back)."""
         import dataclasses
