@@ -417,6 +417,9 @@ class MemoRAG:
     def _embed(self, texts: list[str]):
         return self.embedder.encode(list(texts), is_query=True)  # (n, dim)
 
+    def _passage_vectors(self, keys):
+        return self.embedder.encode([self.retriever.corpus[int(k)] for k in keys], is_query=False)  # (n, dim)
+
     def _search(self, vecs, depth: int):
         return self.retriever.index.search(vecs, min(depth, len(self.retriever.corpus)))  # (n, k), (n, k)
 
@@ -438,14 +441,21 @@ class MemoRAG:
             raise MemoryNotReadyError("nothing is indexed: call memorize(context), index_corpus or load first")
         return fused_evidence(query, clue_set, embed=self._embed, search=self._search,
                               top_k=min(top_k, len(self.retriever.corpus)), config=self.plan_config,
-                              grounder=self.grounder())
+                              grounder=self.grounder(), passage_vectors=self._passage_vectors)
 
     def evidence(self, query: str | None, clues: Clues | None = None, hits: int | None = None, *,
                  task: str = "memorag") -> list:
         """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
         rank (the question's own ranking counts most), then re-ranked by the memory model's attention when the plan
-        re-ranks (``plan_config.rerank_candidates``); list of retrieval ``Hit``, best first. The composition's
-        retrieve and rerank steps over this bundle. ``task="qa"``: plain RAG (no re-ranking, as the qa task)."""
+        re-ranks (``plan_config.rerank_candidates``); list of retrieval ``Hit`` in the order the generator reads
+        them (best first unless ``plan_config.evidence_order`` says otherwise). The composition's retrieve and
+        rerank steps over this bundle. ``task="qa"``: plain RAG (no re-ranking, as the qa task)."""
+        return self.evidence_ranking(query, clues, hits, task=task)[0]
+
+    def evidence_ranking(self, query: str | None, clues: Clues | None = None, hits: int | None = None, *,
+                         task: str = "memorag", candidates: int = 0) -> tuple[list, list]:
+        """:meth:`evidence` and the final ranking's first ``candidates`` chunks, best first (both lists of
+        retrieval ``Hit``): what the generator reads, and the ranking it was cut from (the evaluation's R@5)."""
         from memorag_core.query.compose import complete
         from memorag_core.query.types import UnitClues
         from memorag_core.retrieval import Hit
@@ -454,7 +464,8 @@ class MemoRAG:
             raise MemoryNotReadyError("nothing is indexed: call memorize(context), index_corpus or load first")
         if task not in ("memorag", "qa"):
             raise InvalidInputError(f"evidence is retrieved for the memorag or qa task, not {task!r}")
-        state = self._state(query, task=task if query else "summarize", top_k=hits or self.ret_hit)
+        state = self._state(query, task=task if query else "summarize", top_k=hits or self.ret_hit,
+                            candidates=candidates)
         if clues is not None:
             state.clues = [UnitClues(BUNDLE_UNIT, spans=list(clues.spans), surrogates=list(clues.surrogates),
                                      draft=clues.draft_answer, pointers=list(clues.pointers))]
@@ -463,7 +474,9 @@ class MemoRAG:
             complete(comp.route(state))  # as run() does: the re-ranker may read after the routed unit's memory
         complete(comp.retrieve(state))
         complete(comp.rerank(state))
-        return [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in state.evidence]
+        return ([Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in state.evidence],
+                [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query)
+                 for e in state.ranking[:candidates]])
 
     def retrieve(self, queries: list[str] | str, hits: int | None = None):
         """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``); upstream's
@@ -599,11 +612,12 @@ class BundleStages:
                           surrogates=split_clue_lines(out["surrogates"], lang), draft=out.get("answer") or None,
                           pointers=pointed, seconds=time.perf_counter() - t0, cached=True)]
 
-    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None,
+                     bridge_slots=0, bridge_width=2):
         from memorag_core.retrieval.rerank import memory_scores
 
         return memory_scores(self.pipe.memory, question, lines, dense_scores, prefix=prefix_unit is not None,
-                             max_tokens=max_tokens)
+                             max_tokens=max_tokens, bridge_slots=bridge_slots, bridge_width=bridge_width)
 
     async def key_points(self, name, version, unit_ids, max_new_tokens):
         from memorag_core.query.types import UnitClues

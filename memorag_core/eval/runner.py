@@ -66,7 +66,7 @@ logger = logging.getLogger(__name__)
 MODES = ("full", "rag", "rag_matched", "memorag", "memorag_draft")
 SETTINGS = ("per_question", "pooled")
 _MEMORY_MODES = ("memorag", "memorag_draft")
-#: the wider budget whose recall is recorded beside R@k (``recall_at_5``; per question only)
+#: the wider budget whose recall is recorded beside R@k (``recall_at_5``): the final ranking cut at 5
 R_AT_WIDE = 5
 _RETRIEVAL_MODES = ("rag", "rag_matched", "memorag", "memorag_draft")
 
@@ -421,7 +421,8 @@ class EvalRunner:
             for mode in self._todo(block, ex):
                 request = QueryRequest(ex.question, task="qa" if mode == "rag" else "memorag",
                                        max_new_tokens=c.answer_max_new_tokens, units=c.units, top_k=c.hits,
-                                       clue_max_new_tokens=c.clue_max_new_tokens, use_draft=mode == "memorag_draft")
+                                       clue_max_new_tokens=c.clue_max_new_tokens, use_draft=mode == "memorag_draft",
+                                       candidates=R_AT_WIDE)
                 block["predictions"][mode][ex.id] = self.engine_record(ex, self._engine.query(c.collection, request))
             self._save(results)
             if progress:
@@ -440,6 +441,8 @@ class EvalRunner:
             "evidence_chunk_ids": [e.chunk_id for e in result.evidence], "evidence_titles": titles,
             "recall_at_k": evidence_recall(titles[: self.config.hits], ex.supporting_titles),
             "recall_evidence": evidence_recall(titles, ex.supporting_titles),
+            f"recall_at_{R_AT_WIDE}": evidence_recall([r.doc_id for r in result.ranking[:R_AT_WIDE]],
+                                                      ex.supporting_titles),
             "prediction": result.answer, "scores": self._score(result.answer, ex),
             "seconds": {k: v for k, v in result.timings.items()
                         if k in ("route", "clues", "retrieve", "rerank", "generate")},
@@ -594,12 +597,10 @@ class EvalRunner:
                 budget = self._matched_budget(ex)
             t = time.perf_counter()
             # the facade's own path: question (+ clues) -> fused candidates -> (memorag: attention re-ranking) ->
-            # the top ``budget``; rag modes are plain dense retrieval (the qa task). The best R_AT_WIDE are read
-            # for R@5: the budget's passages are their first ``budget`` (one ranking, cut twice)
-            wide = max(budget, R_AT_WIDE)
-            ranked = self.pipeline.evidence(ex.question, clues, hits=wide,
-                                            task="memorag" if mode in _MEMORY_MODES else "qa")
-            hits = ranked[:budget]
+            # the top ``budget``, in the order the generator reads them; rag modes are plain dense retrieval (the qa
+            # task). R@5 reads the same final ranking's first R_AT_WIDE (one ranking, cut twice)
+            hits, ranked = self.pipeline.evidence_ranking(ex.question, clues, hits=budget, candidates=R_AT_WIDE,
+                                                          task="memorag" if mode in _MEMORY_MODES else "qa")
             seconds["retrieve"] = time.perf_counter() - t  # the re-ranking included (memorag)
             if clues is not None and clues.plan is not None:
                 plan = clues.plan

@@ -173,8 +173,10 @@ class ClueWriter:
         return [[done[(i, uid)] for uid in uids] for i, (_, uids) in enumerate(requests)]
 
     def rerank(self, name: str, version: str, question: str, lines: list[str], dense_scores: list[float], *,
-               prefix_unit: str | None = None, max_tokens: int | None = None) -> list[float] | None:
-        """The memory model's calibrated attention to each candidate line (see
+               prefix_unit: str | None = None, max_tokens: int | None = None, bridge_slots: int = 0,
+               bridge_width: int = 2):
+        """The memory model's calibrated attention to each candidate line, and the bridge span when
+        ``bridge_slots`` > 0 (a :class:`~memorag_core.retrieval.rerank.CandidateScores`, see
         :func:`memorag_core.retrieval.rerank.memory_scores`), read after ``prefix_unit``'s memory when given; None
         when the collection's memory model has no head set."""
         from memorag_core.retrieval.rerank import memory_scores
@@ -187,7 +189,7 @@ class ClueWriter:
                 m, _ = self._load(view, memory, prefix_unit)
                 memory.import_tensors(m)
             return memory_scores(memory, question, lines, dense_scores, prefix=prefix_unit is not None,
-                                 max_tokens=max_tokens)
+                                 max_tokens=max_tokens, bridge_slots=bridge_slots, bridge_width=bridge_width)
 
     def key_points(self, name: str, version: str, unit_ids: list[str], *, max_new_tokens: int = 256
                    ) -> list[UnitClues]:

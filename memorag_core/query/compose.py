@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from memorag_core.query.types import QueryRequest, QueryResult, RoutedUnit, StreamEvent, UnitClues
+from memorag_core.query.types import QueryRequest, QueryResult, Ranked, RoutedUnit, StreamEvent, UnitClues
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class QueryState:
         question: the question that routes, writes clues and is answered (the request's, or a standalone rewrite
             that keeps it: :func:`keeps_question`).
         units, clues, evidence, queries: what route, clues and retrieve produced.
+        ranking: the final ranking of every candidate (Evidence, best first), kept by the rerank step.
         timings: seconds per step. warnings: what went wrong without failing the query.
     """
 
@@ -162,6 +163,7 @@ class QueryState:
     queries: list[tuple[str, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    ranking: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.question is None:
@@ -176,7 +178,9 @@ class QueryState:
         return QueryResult(answer, self.name, self.version, self.request.task, units=self.units, clues=self.clues,
                            evidence=self.evidence, timings=self.timings, retrieval_queries=self.queries,
                            session=self.session.to_dict() if self.session is not None else None,
-                           question=self.question, warnings=list(self.warnings))
+                           question=self.question, warnings=list(self.warnings),
+                           ranking=[Ranked(e.doc_id, e.unit_id, e.chunk_id, float(e.score))
+                                    for e in self.ranking[: self.request.candidates]])
 
 
 @dataclass
@@ -260,7 +264,7 @@ class QueryComposition:
         r = state.request
         t = time.perf_counter()
         extra = state.session.queries() if state.session is not None else None
-        depth = max(r.top_k, self.plan.rerank_candidates) if self.reranks(state) else r.top_k
+        depth = max(r.top_k, r.candidates, self.plan.rerank_candidates if self.reranks(state) else 0)
         state.evidence, state.queries = await self.stages.retriever.retrieve(
             state.name, state.version, r.query, state.clues, depth, r.doc_id if r.task == "summarize" else None,
             extra)
@@ -273,8 +277,11 @@ class QueryComposition:
     async def rerank(self, state: QueryState) -> None:
         """The memory model's calibrated attention re-orders the candidates; the ``top_k`` best of its
         interpolation with the retrieval's scores are kept (the retrieval's order, and no ``rerank`` timing, when
-        the memory model has no head set: :func:`memorag_core.retrieval.rerank.reranker_for` logs it once)."""
+        the memory model has no head set: :func:`memorag_core.retrieval.rerank.reranker_for` logs it once). With
+        ``plan.bridge_weight`` the span the attention leans on retrieves too (source ``bridge``). Every candidate's
+        place is kept in ``state.ranking``; ``plan.evidence_order`` decides the order the generator reads."""
         r = state.request
+        state.ranking = list(state.evidence)
         if not self.reranks(state) or len(state.evidence) <= 1:
             del state.evidence[r.top_k:]
             return
@@ -287,13 +294,25 @@ class QueryComposition:
                  for e in state.evidence]
         dense = [float(e.score) for e in state.evidence]
         prefix = state.units[0].unit_id if self.plan.rerank_prefix and state.units else None
-        scores = await self.stages.memory.rerank(state.name, state.version, state.question, lines, dense, prefix,
-                                                 self.plan.rerank_max_tokens)
-        if scores is None:  # no head set for this memory model (logged once when the model was first asked)
+        bridge_slots = self.plan.bridge_slots if self.plan.bridge_weight > 0 else 0
+        read = await self.stages.memory.rerank(state.name, state.version, state.question, lines, dense, prefix,
+                                               self.plan.rerank_max_tokens, bridge_slots, self.plan.bridge_width)
+        if read is None:  # no head set for this memory model (logged once when the model was first asked)
             del state.evidence[r.top_k:]
             return
-        else:
-            state.evidence = reranked(state.evidence, scores, state.question, r.top_k, self.plan)
+        bridge = None
+        if bridge_slots and read.span:
+            query = f"{state.question} {read.span}"
+            bridge, _ = await self.stages.retriever.retrieve(state.name, state.version, query, [],
+                                                             len(state.evidence), None, None)
+            state.queries = list(state.queries) + [("bridge", query)]
+        retrieved = list(state.evidence)
+        state.ranking = reranked(retrieved, read.scores, state.question, r.top_k, self.plan, bridge=bridge,
+                                 keep_all=True)
+        state.evidence = state.ranking[: r.top_k]
+        if self.plan.evidence_order == "retrieval":  # the same passages, in the order they were retrieved
+            place = {(e.unit_id, e.chunk_id): i for i, e in enumerate(retrieved)}
+            state.evidence.sort(key=lambda e: place.get((e.unit_id, e.chunk_id), len(place)))
         state.timings["rerank"] = time.perf_counter() - t
 
     async def generate(self, state: QueryState, *, stream: bool = True) -> AsyncIterator[str]:
@@ -356,25 +375,42 @@ class QueryComposition:
         yield StreamEvent("final", result=state.result(answer))
 
 
-def reranked(evidence: list, scores: list[float], question: str, top_k: int, plan) -> list:
-    """The ``top_k`` best of ``evidence`` by the no-loss interpolation of the retrieval's scores (weight 1) and
-    the attention ``scores`` (``plan.rerank_weight``, gated by ``plan.rerank_gate``); each kept passage's score
-    is the interpolated one, and ``attention`` joins its sources when the attention ranked it in the budget."""
+def reranked(evidence: list, scores: list[float], question: str, top_k: int, plan, *,
+             bridge: list | None = None, keep_all: bool = False) -> list:
+    """The ``top_k`` best (``keep_all``: every candidate, best first) of ``evidence`` by the no-loss
+    interpolation of the retrieval's scores (weight 1), the attention ``scores`` (``plan.rerank_weight``, gated
+    by ``plan.rerank_gate``) and the bridge query's retrieval (``bridge``, at ``plan.bridge_weight``; its
+    passages join the candidates). Each passage's score is the interpolated one; ``attention`` (``bridge``) joins
+    its sources when that ranking put it in the top ``top_k``."""
     from memorag_core.retrieval.fusion import Ranking, fuse
     from memorag_core.retrieval.rerank import attention_fusion, attention_ranking
 
     if len(scores) != len(evidence):
         raise ValueError(f"{len(scores)} attention scores for {len(evidence)} candidates")
+    pool = list(evidence)
     keys = list(range(len(evidence)))
     dense = Ranking("question", question, keys, [float(e.score) for e in evidence])
     by_attention = sorted(keys, key=lambda i: (-scores[i], i))
-    attention = attention_ranking(question, [(i, scores[i]) for i in by_attention])
-    fused = fuse([dense, attention], attention_fusion(plan.rerank_weight, plan.rerank_gate), limit=top_k)
-    pointed = set(by_attention[:top_k])
+    rankings = [dense, attention_ranking(question, [(i, scores[i]) for i in by_attention])]
+    marks = {i: ["attention"] for i in by_attention[:top_k]}
+    if bridge:
+        place = {(e.unit_id, e.chunk_id): i for i, e in enumerate(pool)}
+        bkeys = []
+        for e in bridge:
+            k = place.get((e.unit_id, e.chunk_id))
+            if k is None:
+                k = place[(e.unit_id, e.chunk_id)] = len(pool)
+                pool.append(dataclasses.replace(e, sources=[]))
+            bkeys.append(k)
+        rankings.append(Ranking("bridge", bridge[0].query or question, bkeys, [float(e.score) for e in bridge]))
+        for k in bkeys[:top_k]:
+            marks.setdefault(k, []).append("bridge")
+    fused = fuse(rankings, attention_fusion(plan.rerank_weight, plan.rerank_gate, plan.bridge_weight),
+                 limit=None if keep_all else top_k)
     out = []
     for f in fused:
-        e = evidence[int(f.key)]
-        sources = list(e.sources) + (["attention"] if f.key in pointed and "attention" not in e.sources else [])
+        e = pool[int(f.key)]
+        sources = list(e.sources) + [m for m in marks.get(int(f.key), []) if m not in e.sources]
         out.append(dataclasses.replace(e, score=float(f.score), sources=sources))
     return out
 
@@ -425,9 +461,11 @@ class _LocalMemory:
     async def key_points(self, name, version, unit_ids, max_new_tokens):
         return self.engine.clue_writer.key_points(name, version, list(unit_ids), max_new_tokens=max_new_tokens)
 
-    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None,
+                     bridge_slots=0, bridge_width=2):
         return self.engine.clue_writer.rerank(name, version, question, lines, dense_scores, prefix_unit=prefix_unit,
-                                              max_tokens=max_tokens)
+                                              max_tokens=max_tokens, bridge_slots=bridge_slots,
+                                              bridge_width=bridge_width)
 
 
 class GeneratorStage:

@@ -199,7 +199,9 @@ class EvidenceRetriever:
             return (np.asarray([[s for s, _ in row] for row in pad], dtype=np.float32),
                     np.asarray([[r for _, r in row] for row in pad], dtype=np.int64))
 
-        rankings = rankings_for(plan, vecs, search, clue_set, plan_config)
+        rankings = rankings_for(plan, vecs, search, clue_set, plan_config,
+                                lambda rows: self.embedder_for(view).encode(
+                                    [view.row(int(r))["text"] for r in rows], is_query=False))
         fused = fuse(rankings, self.fusion, limit=top_k)
         if not fused and allowed:  # the document's chunks are not among any query's hits: read its beginning
             fused_rows = sorted(allowed)[:top_k]

@@ -58,6 +58,9 @@ class QueryRequest:
         session_id: a conversation session (see :mod:`memorag_core.query.sessions`): its memory rewrites the
             question and adds ``session`` retrieval queries; the turn is recorded after the answer.
         user_id: a user whose lifelong memory adds ``user`` retrieval queries.
+        candidates: also return the final ranking's first ``candidates`` passages (at least ``top_k`` are ranked
+            then) in ``QueryResult.ranking``: the re-ranked candidates of the memorag task, the retrieval's of qa.
+            The generator still reads exactly ``top_k``. 0 (default): no ranking in the result.
     """
 
     query: str | None = None
@@ -70,6 +73,7 @@ class QueryRequest:
     use_draft: bool = False
     session_id: str | None = None
     user_id: str | None = None
+    candidates: int = 0
 
     def validate(self, limits: QueryLimits = QueryLimits()) -> "QueryRequest":
         """Check every field against ``limits``; returns self. Raises InvalidInputError naming the field."""
@@ -87,6 +91,7 @@ class QueryRequest:
         _int_in("units", self.units, 1, limits.max_units)
         _int_in("top_k", self.top_k, 1, limits.max_top_k)
         _int_in("clue_max_new_tokens", self.clue_max_new_tokens, 1, limits.max_clue_tokens)
+        _int_in("candidates", self.candidates, 0, limits.max_top_k)
         if self.doc_id is not None and (not isinstance(self.doc_id, str) or not self.doc_id):
             raise InvalidInputError("doc_id must be a non-empty string")
         if not isinstance(self.use_draft, bool):
@@ -165,6 +170,17 @@ class Evidence:
 
 
 @dataclass
+class Ranked:
+    """One place of a query's final ranking (``QueryResult.ranking``): where the passage comes from and its
+    score (the re-ranking's interpolated score for the memorag task, the retrieval's fused score for qa)."""
+
+    doc_id: str
+    unit_id: str
+    chunk_id: str
+    score: float
+
+
+@dataclass
 class QueryResult:
     """The answer to a :class:`QueryRequest`, with everything that led to it.
 
@@ -177,6 +193,7 @@ class QueryResult:
         question: the question that was routed, clued and answered: the request's, or a conversation's standalone
             rewrite that keeps its content words (see :func:`memorag_core.query.compose.keeps_question`).
         warnings: what went wrong without failing the query (e.g. a turn that could not be recorded).
+        ranking: the final ranking's first ``request.candidates`` passages, best first (empty unless asked).
     """
 
     answer: str
@@ -191,6 +208,7 @@ class QueryResult:
     session: dict | None = None
     question: str | None = None
     warnings: list[str] = field(default_factory=list)
+    ranking: list[Ranked] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -34,6 +34,8 @@ from memorag_core.retrieval.fusion import Fused, FusionConfig, Ranking, drop_res
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 #: ``embed(texts) -> (n, dim)`` normalized query vectors
 EmbedFn = Callable[[list[str]], np.ndarray]
+#: ``passage_vectors(keys) -> (n, dim)`` normalized vectors of indexed passages (pseudo-relevance feedback)
+PassageVecsFn = Callable[[list[Hashable]], np.ndarray]
 
 _LABEL = re.compile(r"^\s*(?:question|answer|span|text|evidence|clue)\s*\d*\s*[:：]\s*", re.IGNORECASE)
 
@@ -89,6 +91,14 @@ class PlanConfig:
             its conversation) instead of in a fresh chat.
         rerank_max_tokens: most candidate tokens the re-ranker reads (each candidate is cut to an equal share),
             which bounds its cost and keeps the reading inside the memory model's context.
+        bridge_weight: > 0 adds the bridge span (issue 21): the span of highest calibrated attention inside the
+            ``bridge_slots`` candidates the attention ranks first (``bridge_width`` tokens, widened to words)
+            joins the question as one more retrieval query (source ``bridge``), whose ranking is interpolated at
+            this weight at equal passages. 0 (default): measured no gain (docs/evaluation.md, Sessions 8 and 11).
+        prf_alpha: > 0 turns on dense pseudo-relevance feedback, a control with no model: the question's vector
+            moves toward its top passage's (``q + alpha * p``, renormalized) before it ranks. Any task. 0: off.
+        evidence_order: the order in which the re-ranked ``top_k`` reach the generator: ``ranked`` (best first)
+            or ``retrieval`` (the same passages in the retrieval's order, before re-ranking).
     """
 
     # pointers are opt-in until measured on a real sample (docs/evaluation.md, session 5): add "pointer" and set
@@ -112,6 +122,11 @@ class PlanConfig:
     rerank_gate: float = 0.0
     rerank_prefix: bool = False
     rerank_max_tokens: int = 6144
+    bridge_weight: float = 0.0
+    bridge_slots: int = 1
+    bridge_width: int = 2
+    prf_alpha: float = 0.0
+    evidence_order: str = "ranked"
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sources if s not in ("span", "surrogate", "draft", "key_point", "pointer")]
@@ -123,6 +138,10 @@ class PlanConfig:
             raise InvalidInputError("rerank_candidates and rerank_weight must be >= 0, rerank_gate in [0, 1]")
         if self.rerank_max_tokens < 256:
             raise InvalidInputError(f"rerank_max_tokens must be >= 256, got {self.rerank_max_tokens}")
+        if self.bridge_weight < 0 or self.bridge_slots < 1 or self.bridge_width < 1 or self.prf_alpha < 0:
+            raise InvalidInputError("bridge_weight and prf_alpha must be >= 0, bridge_slots and bridge_width >= 1")
+        if self.evidence_order not in ("ranked", "retrieval"):
+            raise InvalidInputError(f"evidence_order must be 'ranked' or 'retrieval', got {self.evidence_order!r}")
 
     @property
     def reranks(self) -> bool:
@@ -289,18 +308,32 @@ def plan_queries(question: str | None, clues: ClueSet, config: PlanConfig, *, em
     return Plan(queries, grounded, dropped), vecs
 
 
-def rankings_for(plan: Plan, vecs: np.ndarray, search: SearchFn, clues: ClueSet, config: PlanConfig
-                 ) -> list[Ranking]:
-    """Rankings of the dense queries (``search``), the grounded spans and the attention pointers."""
+def _ranking(source: str, text: str, s_row, k_row) -> Ranking:
+    pairs = [(k, float(s)) for k, s in zip(list(k_row), list(s_row)) if not (isinstance(k, (int, np.integer))
+                                                                           and k < 0)]
+    return Ranking(source, text, [k.item() if hasattr(k, "item") else k for k, _ in pairs], [s for _, s in pairs])
+
+
+def rankings_for(plan: Plan, vecs: np.ndarray, search: SearchFn, clues: ClueSet, config: PlanConfig,
+                 passage_vectors: PassageVecsFn | None = None) -> list[Ranking]:
+    """Rankings of the dense queries (``search``), the grounded spans and the attention pointers.
+
+    With ``config.prf_alpha`` > 0 the question's ranking is that of its vector moved toward its top passage's
+    (``passage_vectors`` gives it; dense pseudo-relevance feedback)."""
     rankings: list[Ranking] = []
     if plan.queries:
         scores, keys = search(vecs, config.depth)  # (nq, k), (nq, k)
         for (source, text), s_row, k_row in zip(plan.queries, scores, keys):
-            pairs = [(k, float(s)) for k, s in zip(list(k_row), list(s_row)) if not (isinstance(k, (int, np.integer))
-                                                                                   and k < 0)]
             # a span that matched no corpus text is searched as source "span" (ungrounded): its weight decides
-            rankings.append(Ranking(source, text, [k.item() if hasattr(k, "item") else k for k, _ in pairs],
-                                    [s for _, s in pairs]))
+            rankings.append(_ranking(source, text, s_row, k_row))
+        first = rankings[0]
+        if config.prf_alpha > 0 and plan.queries[0][0] == "question" and len(first.keys):
+            if passage_vectors is None:
+                raise InvalidInputError("prf_alpha needs the passages' vectors; this retriever gives none")
+            v = vecs[0] + config.prf_alpha * passage_vectors([first.keys[0]])[0]  # (dim,)
+            v = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(vecs.dtype, copy=False)
+            s2, k2 = search(v[None, :], config.depth)  # (1, k), (1, k)
+            rankings[0] = _ranking("question", first.query, s2[0], k2[0])
     for text, found in plan.grounded:
         rankings.append(Ranking("grounded", text, [k for k, _ in found], [s for _, s in found]))
     if "pointer" in config.sources and clues.pointers and config.pointer_depth:
@@ -310,13 +343,14 @@ def rankings_for(plan: Plan, vecs: np.ndarray, search: SearchFn, clues: ClueSet,
 
 
 def fused_evidence(question: str | None, clues: ClueSet, *, embed: EmbedFn, search: SearchFn, top_k: int,
-                   config: PlanConfig | None = None, grounder: CorpusGrounder | None = None
-                   ) -> tuple[list[Fused], Plan]:
+                   config: PlanConfig | None = None, grounder: CorpusGrounder | None = None,
+                   passage_vectors: PassageVecsFn | None = None) -> tuple[list[Fused], Plan]:
     """The ``top_k`` fused passages for ``question`` and ``clues``, and the plan that produced them."""
     config = config or PlanConfig()
     plan, vecs = plan_queries(question, clues, config, embed=embed, grounder=grounder)
     if vecs is None:
         raise InvalidInputError("fused_evidence needs an embed function")
     rankings = rankings_for(plan, vecs, search, clues, PlanConfig(**{**config.__dict__,
-                                                                    "depth": max(config.depth, top_k)}))
+                                                                    "depth": max(config.depth, top_k)}),
+                            passage_vectors)
     return fuse(rankings, config.fusion, limit=top_k), plan

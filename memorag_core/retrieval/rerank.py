@@ -376,15 +376,23 @@ class AttentionReranker:
         return self.rerank_reading(question, candidate_keys, candidate_texts, dense_scores, prefix_kv)[0]
 
     def candidate_scores(self, question: str, lines: Sequence[str], dense_scores: Sequence[float], *,
-                         prefix: Any = None, max_tokens: int | None = None) -> list[float]:
+                         prefix: Any = None, max_tokens: int | None = None, bridge_slots: int = 0,
+                         bridge_width: int = 2) -> "CandidateScores":
         """The calibrated attention score of each candidate line, in the caller's order (read weakest-first by
-        ``dense_scores``; each line cut to an equal share of ``max_tokens``). What the query composition's
-        re-ranking step asks of a memory stage."""
-        ranked = self.rerank_reading(question, list(range(len(lines))), lines, dense_scores, prefix, max_tokens)[0]
+        ``dense_scores``; each line cut to an equal share of ``max_tokens``), and with ``bridge_slots`` > 0 the
+        bridge span inside the candidates the attention ranks first (:func:`bridge_span`). What the query
+        composition's re-ranking step asks of a memory stage."""
+        ranked, reading, order = self.rerank_reading(question, list(range(len(lines))), lines, dense_scores, prefix,
+                                                     max_tokens)
         out = [0.0] * len(lines)
         for i, score in ranked:
             out[i] = score
-        return out
+        span = ""
+        if bridge_slots > 0 and ranked:
+            slot_of = {int(c): s for s, c in enumerate(order)}  # candidate index -> reading position
+            slots = [slot_of[int(i)] for i, _ in ranked[:bridge_slots]]
+            span = bridge_span(reading, [lines[int(c)] for c in order], slots, self.heads.heads, bridge_width)
+        return CandidateScores(out, span)
 
     def rerank_reading(self, question: str, candidate_keys: Sequence[Hashable], candidate_texts: Sequence[str],
                        dense_scores: Sequence[float], prefix_kv: Any = None, max_tokens: int | None = None
@@ -436,16 +444,28 @@ def reranker_for(model: Any, tokenizer: Any) -> AttentionReranker | None:
         return reranker
 
 
+@dataclass
+class CandidateScores:
+    """What a memory stage's ``rerank`` returns: the calibrated attention score of each candidate line (the
+    caller's order) and, when asked, the bridge span (:func:`bridge_span`; ``""`` otherwise)."""
+
+    scores: list[float]
+    span: str = ""
+
+
 def memory_scores(memory: Any, question: str, lines: Sequence[str], dense_scores: Sequence[float], *,
-                  prefix: bool = False, max_tokens: int | None = None) -> list[float] | None:
+                  prefix: bool = False, max_tokens: int | None = None, bridge_slots: int = 0,
+                  bridge_width: int = 2) -> CandidateScores | None:
     """The calibrated attention of ``memory``'s model to each candidate line (the caller's order), or None when
     the model has no head set. ``prefix``: read the candidates after the memory's current contents (a unit's
-    compressed memory, imported by the caller). The memory stages of every door call this."""
+    compressed memory, imported by the caller). ``bridge_slots`` > 0: also the span of highest calibrated attention
+    (``bridge_width`` tokens, widened to words) inside the ``bridge_slots`` candidates the attention ranks first.
+    The memory stages of every door call this."""
     reranker = reranker_for(memory.model, memory.tokenizer)
     if reranker is None:
         return None
     return reranker.candidate_scores(question, lines, dense_scores, prefix=memory if prefix else None,
-                                     max_tokens=max_tokens)
+                                     max_tokens=max_tokens, bridge_slots=bridge_slots, bridge_width=bridge_width)
 
 
 def bridge_span(reading: Reading, candidates: Sequence[str], slots: Sequence[int],

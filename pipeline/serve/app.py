@@ -280,8 +280,10 @@ class _MemoryCalls:
     async def key_points(self, name, version, unit_ids, max_new_tokens):
         return await self.h.key_points.remote(name, version, unit_ids, max_new_tokens)
 
-    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
-        return await self.h.rerank.remote(name, version, question, lines, dense_scores, prefix_unit, max_tokens)
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None,
+                     bridge_slots=0, bridge_width=2):
+        return await self.h.rerank.remote(name, version, question, lines, dense_scores, prefix_unit, max_tokens,
+                                          bridge_slots, bridge_width)
 
 
 class _SessionCalls:

@@ -177,10 +177,13 @@ class MemoryWorker(SessionWorker, _CatalogOwner):
         return r
 
     async def rerank(self, name: str, version: str, question: str, lines: list[str], dense_scores: list[float],
-                     prefix_unit: str | None = None, max_tokens: int | None = None) -> list[float] | None:
-        """The memory model's calibrated attention to each candidate (see :meth:`ClueWriter.rerank`)."""
+                     prefix_unit: str | None = None, max_tokens: int | None = None, bridge_slots: int = 0,
+                     bridge_width: int = 2):
+        """The memory model's calibrated attention to each candidate, and the bridge span when asked (see
+        :meth:`ClueWriter.rerank`)."""
         return await asyncio.to_thread(self.writer.rerank, name, version, question, lines, dense_scores,
-                                       prefix_unit=prefix_unit, max_tokens=max_tokens)
+                                       prefix_unit=prefix_unit, max_tokens=max_tokens, bridge_slots=bridge_slots,
+                                       bridge_width=bridge_width)
 
     def stats(self) -> dict:
         return self.writer.stats()

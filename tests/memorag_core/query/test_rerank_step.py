@@ -10,6 +10,7 @@ from memorag_core.query import QueryEngine, QueryRequest, run_sync
 from memorag_core.query.compose import QueryComposition, Stages, final_result, reranked
 from memorag_core.query.types import Evidence, RoutedUnit, UnitClues
 from memorag_core.retrieval.queries import PlanConfig
+from memorag_core.retrieval.rerank import CandidateScores
 
 
 def ev(i: int, score: float) -> Evidence:
@@ -20,10 +21,11 @@ def ev(i: int, score: float) -> Evidence:
 class FakeStages(Stages):
     """Stages in plain Python: 30 candidates scored 30..1, attention that prefers the last ones."""
 
-    def __init__(self, plan: PlanConfig, attention=None) -> None:
+    def __init__(self, plan: PlanConfig, attention=None, span: str = "") -> None:
         super().__init__(retriever=self, memory=self, generator=self, plan=plan)
         self.attention = attention
-        self.calls: dict[str, list] = {"retrieve": [], "rerank": [], "clues": [], "generate": []}
+        self.span = span
+        self.calls: dict[str, list] = {"retrieve": [], "rerank": [], "clues": [], "generate": [], "queries": []}
 
     async def stored_summary(self, name, version, request):
         return None
@@ -33,15 +35,22 @@ class FakeStages(Stages):
 
     async def retrieve(self, name, version, query, clues, top_k, doc_id=None, extra=None):
         self.calls["retrieve"].append(top_k)
+        self.calls["queries"].append(query)
+        if self.span and self.span in query:  # the bridge query finds doc40 first, then the retrieval's order
+            found = [Evidence("doc40", "u1", "c40", 1.0, "doc40: the bridge passage", ["question"], query)]
+            return found + [ev(i, 0.9 - i / 100) for i in range(min(top_k, 30) - 1)], [("question", query)]
         return [ev(i, 30.0 - i) for i in range(min(top_k, 30))], [("question", query)]
 
     async def clues(self, name, version, unit_ids, query, max_new_tokens, with_draft=False):
         self.calls["clues"].append(with_draft)
         return [UnitClues("u1", spans=[], surrogates=[], draft="a draft" if with_draft else None)]
 
-    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None):
-        self.calls["rerank"].append((list(lines), list(dense_scores), prefix_unit, max_tokens))
-        return None if self.attention is None else self.attention(len(lines))
+    async def rerank(self, name, version, question, lines, dense_scores, prefix_unit=None, max_tokens=None,
+                     bridge_slots=0, bridge_width=2):
+        self.calls["rerank"].append((list(lines), list(dense_scores), prefix_unit, max_tokens, bridge_slots))
+        if self.attention is None:
+            return None
+        return CandidateScores(self.attention(len(lines)), self.span if bridge_slots else "")
 
     async def generate(self, task, query, evidence, max_new_tokens):
         self.calls["generate"].append(list(evidence))
@@ -65,7 +74,8 @@ def test_the_attention_decides_among_the_candidates_and_top_k_reach_the_generato
     stages = FakeStages(PlanConfig(rerank_candidates=20), attention=late_first)
     r = run(stages, top_k=3)
     assert stages.calls["retrieve"] == [20]  # candidates, not the budget
-    lines, dense, prefix, budget = stages.calls["rerank"][0]
+    lines, dense, prefix, budget, bridge_slots = stages.calls["rerank"][0]
+    assert bridge_slots == 0  # no bridge span unless the plan weighs it
     assert lines[0] == "[doc0] passage number 0" and dense[:2] == [30.0, 29.0] and prefix is None and budget == 6144
     assert len(r.evidence) == 3 and len(stages.calls["generate"][0]) == 3
     assert [e.doc_id for e in r.evidence] == ["doc19", "doc18", "doc17"]  # weight 16 of attention vs 1 of retrieval
@@ -95,7 +105,7 @@ def test_qa_is_plain_rag_and_off_means_no_reading():
 def test_text_clues_and_drafts_still_come_when_asked_and_the_prefix_names_the_routed_unit():
     stages = FakeStages(PlanConfig(text_clues=True, rerank_prefix=True, rerank_max_tokens=1024), late_first)
     r = run(stages, top_k=2)
-    assert stages.calls["clues"] == [False] and stages.calls["rerank"][0][2:] == ("u1", 1024)
+    assert stages.calls["clues"] == [False] and stages.calls["rerank"][0][2:4] == ("u1", 1024)
     stages = FakeStages(PlanConfig(), late_first)
     r = run(stages, top_k=2, use_draft=True)
     assert stages.calls["clues"] == [True] and r.clues[0].draft == "a draft" and len(r.evidence) == 2
@@ -120,6 +130,52 @@ def test_plan_refuses_bad_rerank_settings_by_name():
         with pytest.raises(InvalidInputError, match="rerank"):
             PlanConfig.from_dict(bad)
     assert PlanConfig.from_dict({"rerank_candidates": 30}).to_dict()["rerank_candidates"] == 30
+    for bad, name in (({"bridge_weight": -1}, "bridge_weight"), ({"bridge_slots": 0}, "bridge_slots"),
+                      ({"prf_alpha": -0.5}, "prf_alpha"), ({"evidence_order": "random"}, "evidence_order")):
+        with pytest.raises(InvalidInputError, match=name):
+            PlanConfig.from_dict(bad)
+    with pytest.raises(InvalidInputError, match="candidates"):
+        QueryRequest("q", candidates=-1).validate()
+
+
+def test_the_result_carries_the_ranking_it_was_cut_from_when_asked():
+    """candidates=N returns the final ranking's first N (the re-ranked order for memorag, the retrieval's for qa);
+    the generator still reads top_k, which are the ranking's first top_k."""
+    stages = FakeStages(PlanConfig(rerank_candidates=20), attention=late_first)
+    r = run(stages, top_k=3, candidates=5)
+    assert [x.doc_id for x in r.ranking] == ["doc19", "doc18", "doc17", "doc16", "doc15"]
+    assert [x.doc_id for x in r.ranking[:3]] == [e.doc_id for e in r.evidence]
+    assert r.ranking[0].score >= r.ranking[4].score and r.to_api()["ranking"][0]["chunk_id"] == "c19"
+    stages = FakeStages(PlanConfig(), attention=late_first)
+    r = run(stages, task="qa", top_k=3, candidates=5)
+    assert stages.calls["retrieve"] == [5] and len(r.evidence) == 3  # ranked deeper, read the budget
+    assert [x.doc_id for x in r.ranking] == ["doc0", "doc1", "doc2", "doc3", "doc4"]
+    assert run(FakeStages(PlanConfig(), late_first), top_k=3).ranking == []  # not asked: not sent
+
+
+def test_evidence_order_retrieval_hands_the_reranked_set_in_the_retrievals_order():
+    stages = FakeStages(PlanConfig(evidence_order="retrieval"), attention=late_first)
+    r = run(stages, top_k=3, candidates=3)
+    assert [e.doc_id for e in r.evidence] == ["doc17", "doc18", "doc19"]  # the set the attention chose
+    assert [x.doc_id for x in r.ranking] == ["doc19", "doc18", "doc17"]  # the ranking keeps its order
+    assert stages.calls["generate"][0][0] == "doc17: passage number 17"
+
+
+def test_the_bridge_span_retrieves_once_more_and_its_passages_can_enter_at_equal_passages():
+    """bridge_weight > 0: the memory stage returns the span its attention leans on, question + span is one more
+    retrieval (source bridge), and its ranking is interpolated at that weight; exactly top_k still reach the
+    generator. Weight 0 asks for no span and retrieves once."""
+    stages = FakeStages(PlanConfig(bridge_weight=20.0, bridge_slots=2), attention=late_first, span="Varnholm")
+    r = run(stages, top_k=3)
+    assert stages.calls["rerank"][0][4] == 2 and stages.calls["queries"] == ["Which passage?",
+                                                                              "Which passage? Varnholm"]
+    assert ("bridge", "Which passage? Varnholm") in r.retrieval_queries
+    assert len(r.evidence) == 3 and r.evidence[0].doc_id == "doc40" and r.evidence[0].sources == ["bridge"]
+    assert [e.doc_id for e in r.evidence[1:]] == ["doc19", "doc18"]
+    off = FakeStages(PlanConfig(), attention=late_first, span="Varnholm")
+    r = run(off, top_k=3)
+    assert off.calls["rerank"][0][4] == 0 and len(off.calls["retrieve"]) == 1
+    assert "doc40" not in [e.doc_id for e in r.evidence]
 
 
 def test_the_embedded_memory_model_reranks_a_published_collection(embedded_collection):
@@ -141,8 +197,20 @@ def test_the_embedded_memory_model_reranks_a_published_collection(embedded_colle
     unit = next(iter(view.units))
     after = writer.rerank(view.name, view.version, "Who built the lighthouse of Varnholm?", lines, [0.3, 0.2, 0.1],
                           prefix_unit=unit)
+    plain, after = plain.scores, after.scores
     assert len(plain) == len(after) == 3 and plain != after  # the memory changes what the model reads
     assert max(range(3), key=lambda i: plain[i]) == 0
+    # the bridge span: words of the candidate the attention ranks first, never its [title]
+    bridged = writer.rerank(view.name, view.version, "Who built the lighthouse of Varnholm?", lines,
+                            [0.3, 0.2, 0.1], bridge_slots=1, bridge_width=2)
+    assert bridged.scores == plain and bridged.span and bridged.span in lines[0].split("] ", 1)[1]
+    # the engine with the bridge and PRF settings runs the whole path on the real collection
+    bridge_engine = QueryEngine(embedded_collection.store, refresh_s=0.0, device="cpu",
+                                plan=PlanConfig(bridge_weight=1.0, prf_alpha=0.5))
+    r = bridge_engine.query(embedded_collection.name, QueryRequest("Who built the lighthouse of Varnholm?", top_k=2,
+                                                                    max_new_tokens=4, candidates=4))
+    assert len(r.evidence) == 2 and len(r.ranking) == 4 and "rerank" in r.timings
+    assert [s for s, _ in r.retrieval_queries][-1] == "bridge"
 
 
 def test_the_facade_reranks_and_reads_its_memory_first_when_the_plan_says(tiny_lm_dir, shared_data_dir, monkeypatch):
@@ -155,9 +223,10 @@ def test_the_facade_reranks_and_reads_its_memory_first_when_the_plan_says(tiny_l
 
     seen = []
 
-    def fake_scores(memory, question, lines, dense_scores, *, prefix=False, max_tokens=None):
+    def fake_scores(memory, question, lines, dense_scores, *, prefix=False, max_tokens=None, bridge_slots=0,
+                    bridge_width=2):
         seen.append((prefix, len(lines), max_tokens))
-        return [float(i) for i in range(len(lines))]  # the weakest candidate first
+        return CandidateScores([float(i) for i in range(len(lines))])  # the weakest candidate first
 
     monkeypatch.setattr(rr, "memory_scores", fake_scores)
     pipe = MemoRAG(memory_config=MemoryConfig(model=str(tiny_lm_dir), ratio=4, window=256),

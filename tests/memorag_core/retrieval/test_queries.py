@@ -107,3 +107,18 @@ def test_pointers_join_the_fusion_and_labels_are_cleaned(index):
     assert clean_clue("Answer 2: Tulsa") == "Tulsa"
     with pytest.raises(InvalidInputError):
         PlanConfig(sources=("nonsense",))
+
+
+def test_prf_moves_the_questions_vector_toward_its_top_passage(index):
+    """Dense pseudo-relevance feedback (a control with no model): the question's ranking is that of
+    q + alpha * (its top passage's vector), renormalized; alpha 0 is the question's own ranking."""
+    q = "Tinted Windows first show"
+    plain, _ = fused_evidence(q, ClueSet(), embed=index.embed, search=index.search, top_k=4)
+    cfg = PlanConfig(prf_alpha=2.0)
+    fused, _ = fused_evidence(q, ClueSet(), embed=index.embed, search=index.search, top_k=4, config=cfg,
+                              passage_vectors=lambda keys: index.vecs[list(keys)])
+    v = index.embed([q])[0] + 2.0 * index.vecs[plain[0].key]
+    expected = np.argsort(-(index.vecs @ (v / np.linalg.norm(v))))[:4].tolist()
+    assert [f.key for f in fused] == expected and fused[0].sources == ["question"]
+    with pytest.raises(InvalidInputError, match="prf_alpha needs the passages"):
+        fused_evidence(q, ClueSet(), embed=index.embed, search=index.search, top_k=4, config=cfg)
