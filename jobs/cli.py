@@ -165,6 +165,8 @@ def ask(
     version: Optional[str] = typer.Option(None, help="collection version (default: the live one)"),
     units: int = typer.Option(4, help="collection: unit memories that write clues"),
     top_k: int = typer.Option(5, help="collection: passages handed to the generator"),
+    candidates: int = typer.Option(0, help="collection: also return the final ranking's first N passages (the "
+                                   "re-ranked candidates; `ranking` in --json)"),
     doc_id: Optional[str] = typer.Option(None, help="collection, --task summarize: the document to summarize"),
     s3_endpoint: Optional[str] = typer.Option(None, help="S3-compatible endpoint URL of an s3:// store"),
     json_output: bool = typer.Option(False, "--json", help="print the answer as the HTTP API's JSON object "
@@ -188,9 +190,10 @@ def ask(
     use_memory_answer: bool = typer.Option(False, help="the memory also writes a draft answer, which joins "
                                            "retrieval as one more query"),
     show_clues: bool = typer.Option(True, help="print the clues and the retrieved chunks"),
-    plan: Optional[str] = typer.Option(None, help="JSON file of retrieval plan settings (PlanConfig fields: "
-                                       "sources, depth, ground_spans, fusion {weights, question_floor, ...}); the "
-                                       "same fields as the serve config's retriever.plan"),
+    plan: Optional[str] = typer.Option(None, help="JSON file (or object) of retrieval plan settings (PlanConfig "
+                                       "fields: rerank_candidates, rerank_weight, text_clues, bridge_weight, "
+                                       "prf_alpha, evidence_order, sources, depth, fusion {...}); the same fields "
+                                       "as the serve config's retriever.plan"),
 ) -> None:
     """Answer a question from a published collection (--collection, --store) or a saved bundle (--from).
 
@@ -201,7 +204,7 @@ def ask(
         if not store:
             usage_error(ctx, "--collection needs --store URL")
         _ask_collection(question, collection, store, version=version, task=task, units=units, top_k=top_k,
-                        doc_id=doc_id, generator=generator, max_new_tokens=max_new_tokens,
+                        candidates=candidates, doc_id=doc_id, generator=generator, max_new_tokens=max_new_tokens,
                         clue_max_new_tokens=clue_max_new_tokens, use_draft=use_memory_answer,
                         show_clues=show_clues, s3_endpoint=s3_endpoint, plan=plan, json_output=json_output)
         return
@@ -223,7 +226,7 @@ def ask(
 def _ask_collection(question: Optional[str], collection: str, store: str, *, version: Optional[str], task: str,
                     units: int, top_k: int, doc_id: Optional[str], generator: Optional[str], max_new_tokens: int,
                     clue_max_new_tokens: int, use_draft: bool, show_clues: bool, s3_endpoint: Optional[str],
-                    plan: Optional[str] = None, json_output: bool = False) -> None:
+                    plan: Optional[str] = None, json_output: bool = False, candidates: int = 0) -> None:
     """``memorag ask --collection``: the query engine in this process; the answer streams, then the evidence.
     With ``json_output`` it prints only :meth:`QueryResult.to_api` (the HTTP API's answer object)."""
     from memorag_core.query import QueryEngine, QueryRequest
@@ -233,7 +236,8 @@ def _ask_collection(question: Optional[str], collection: str, store: str, *, ver
 
     engine = QueryEngine(store, options, generator=generator, plan=load_plan_config(plan))
     request = QueryRequest(question, task=task, max_new_tokens=max_new_tokens, units=units, top_k=top_k,
-                           clue_max_new_tokens=clue_max_new_tokens, doc_id=doc_id, use_draft=use_draft)
+                           clue_max_new_tokens=clue_max_new_tokens, doc_id=doc_id, use_draft=use_draft,
+                           candidates=candidates)
     emit(engine.stream(collection, request, version), show_clues, json_output)
 
 

@@ -189,13 +189,13 @@ class PlanConfig:
 
 
 def load_plan_config(path: str | None) -> PlanConfig:
-    """A :class:`PlanConfig` from a JSON file (None: the defaults). The CLI's ``--plan``, the evaluation's and
-    the serve config's ``retriever.plan`` all read the same fields."""
+    """A :class:`PlanConfig` from a JSON file, or a JSON object given inline (None: the defaults). The CLI's
+    ``--plan``, the evaluation's and the serve config's ``retriever.plan`` all read the same fields."""
     from memorag_core.errors import read_json_object
 
     if path is None:
         return PlanConfig()
-    return PlanConfig.from_dict(read_json_object(path, f"retrieval plan settings {path}"))
+    return PlanConfig.from_dict(read_json_object(path, f"retrieval plan settings {path}", inline=True))
 
 
 @dataclass

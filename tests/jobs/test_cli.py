@@ -82,4 +82,10 @@ def test_ask_a_published_collection(tiny_collection, capsys):
     assert "--store" in capsys.readouterr().err
     assert main(["ask", "Who?", *args, "--top-k", "0"]) == 2
     assert "top_k must be between" in capsys.readouterr().err
+    assert main(["ask", "Who opened the bakery?", *args, "--task", "qa", "--candidates", "3", "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert len(ranked["ranking"]) == 3 and [r["chunk_id"] for r in ranked["ranking"][:2]] == [
+        e["chunk_id"] for e in ranked["evidence"]]
+    assert main(["ask", "Who?", *args, "--plan", '{"evidence_order": "sideways"}']) == 2
+    assert "evidence_order" in capsys.readouterr().err
     assert main(["ask", "Who?", "--collection", "facts", "--store", store, "--from", "x"]) == 2

@@ -21,5 +21,6 @@ def test_a_settings_file_or_inline_object_is_read_and_every_failure_names_the_fl
     with pytest.raises(InvalidInputError, match="--config"):
         read_json_object('{"a": 1}', "--config")  # not inline: a path that does not exist
     assert load_plan_config(str(good)).rerank_candidates == 30
+    assert load_plan_config('{"prf_alpha": 0.5}').prf_alpha == 0.5  # `ask --plan` takes an object inline too
     with pytest.raises(InvalidInputError, match="retrieval plan settings"):
         load_plan_config(str(tmp_path / "list.json"))

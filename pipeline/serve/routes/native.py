@@ -35,11 +35,13 @@ class QueryBody(BaseModel):
     session_id: Optional[str] = Field(None, description="a conversation session (POST /v1/collections/{name}/"
                                                         "sessions): earlier turns resolve follow-ups")
     user_id: Optional[str] = Field(None, description="a user whose lifelong memory joins retrieval")
+    candidates: int = Field(0, description="also return the final ranking's first N passages (the re-ranked "
+                                           "candidates of memorag) in `ranking`; the generator still reads top_k")
 
     def request(self, limits) -> QueryRequest:
         """The engine's request; fields left out take their default, capped by the service's ``limits``."""
         return QueryRequest(query=self.query, task=self.task, doc_id=self.doc_id, use_draft=self.use_draft,
-                            session_id=self.session_id, user_id=self.user_id,
+                            session_id=self.session_id, user_id=self.user_id, candidates=self.candidates,
                             **defaults(limits, max_new_tokens=self.max_new_tokens, units=self.units,
                                        top_k=self.top_k, clue_max_new_tokens=self.clue_max_new_tokens))
 
@@ -66,6 +68,13 @@ class EvidenceOut(BaseModel):
     end: Optional[int] = None
 
 
+class RankedOut(BaseModel):
+    doc_id: str
+    unit_id: str
+    chunk_id: str
+    score: float
+
+
 class QueryOut(BaseModel):
     """The answer, with what led to it: ``timings`` in seconds per stage (route, clues, retrieve, generate,
     total); ``version`` is the version the query ran on from start to end."""
@@ -82,6 +91,7 @@ class QueryOut(BaseModel):
     session: Optional[dict] = None
     question: Optional[str] = None
     warnings: list[str] = []
+    ranking: list[RankedOut] = []
 
 
 class CollectionOut(BaseModel):

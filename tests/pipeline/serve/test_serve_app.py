@@ -193,7 +193,11 @@ def test_one_request_four_doors_same_evidence_and_same_greedy_answer(served, tmp
     for d in (by_cli, by_http, by_chat):
         assert "rerank" in d["timings"] and d["clues"] == []
         assert any("attention" in e["sources"] for e in d["evidence"])
-    assert record["seconds"]["rerank"] > 0
+    assert record["seconds"]["rerank"] > 0 and record["recall_at_5"] >= record["recall_at_k"]
+    # the native route hands the ranking the evidence was cut from when asked (R@5 of the evaluation reads it)
+    ranked = post(served, {"query": QUESTION, "max_new_tokens": 8, "candidates": 4, **settings}).json()
+    assert [r["chunk_id"] for r in ranked["ranking"][:2]] == ids[0] and len(ranked["ranking"]) == 4
+    assert by_http["ranking"] == []
 
 
 def test_keys_missing_unknown_other_collection_and_revoked(served):
