@@ -448,8 +448,8 @@ class MemoRAG:
         """The ``hits`` (default ``ret_hit``) chunks for ``query`` and its ``clues``, fused by weighted reciprocal
         rank (the question's own ranking counts most), then re-ranked by the memory model's attention when the plan
         re-ranks (``plan_config.rerank_candidates``); list of retrieval ``Hit`` in the order the generator reads
-        them (best first unless ``plan_config.evidence_order`` says otherwise). The composition's retrieve and
-        rerank steps over this bundle. ``task="qa"``: plain RAG (no re-ranking, as the qa task)."""
+        them (``plan_config.evidence_order``: by default the kept passages in the retrieval's order). The
+        composition's retrieve and rerank steps over this bundle. ``task="qa"``: plain RAG (no re-ranking)."""
         return self.evidence_ranking(query, clues, hits, task=task)[0]
 
     def evidence_ranking(self, query: str | None, clues: Clues | None = None, hits: int | None = None, *,

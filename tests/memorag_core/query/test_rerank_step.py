@@ -78,7 +78,9 @@ def test_the_attention_decides_among_the_candidates_and_top_k_reach_the_generato
     assert bridge_slots == 0  # no bridge span unless the plan weighs it
     assert lines[0] == "[doc0] passage number 0" and dense[:2] == [30.0, 29.0] and prefix is None and budget == 6144
     assert len(r.evidence) == 3 and len(stages.calls["generate"][0]) == 3
-    assert [e.doc_id for e in r.evidence] == ["doc19", "doc18", "doc17"]  # weight 16 of attention vs 1 of retrieval
+    # weight 16 of attention vs 1 of retrieval chose doc19, doc18, doc17; the generator reads them in the
+    # retrieval's order (evidence_order's default)
+    assert [e.doc_id for e in r.evidence] == ["doc17", "doc18", "doc19"]
     assert all("attention" in e.sources for e in r.evidence) and "rerank" in r.timings
     assert stages.calls["clues"] == []  # text clues are opt-in
 
@@ -144,7 +146,7 @@ def test_the_result_carries_the_ranking_it_was_cut_from_when_asked():
     stages = FakeStages(PlanConfig(rerank_candidates=20), attention=late_first)
     r = run(stages, top_k=3, candidates=5)
     assert [x.doc_id for x in r.ranking] == ["doc19", "doc18", "doc17", "doc16", "doc15"]
-    assert [x.doc_id for x in r.ranking[:3]] == [e.doc_id for e in r.evidence]
+    assert {x.doc_id for x in r.ranking[:3]} == {e.doc_id for e in r.evidence}
     assert r.ranking[0].score >= r.ranking[4].score and r.to_api()["ranking"][0]["chunk_id"] == "c19"
     stages = FakeStages(PlanConfig(), attention=late_first)
     r = run(stages, task="qa", top_k=3, candidates=5)
@@ -154,11 +156,15 @@ def test_the_result_carries_the_ranking_it_was_cut_from_when_asked():
 
 
 def test_evidence_order_retrieval_hands_the_reranked_set_in_the_retrievals_order():
-    stages = FakeStages(PlanConfig(evidence_order="retrieval"), attention=late_first)
+    stages = FakeStages(PlanConfig(), attention=late_first)  # evidence_order="retrieval" is the default
     r = run(stages, top_k=3, candidates=3)
     assert [e.doc_id for e in r.evidence] == ["doc17", "doc18", "doc19"]  # the set the attention chose
     assert [x.doc_id for x in r.ranking] == ["doc19", "doc18", "doc17"]  # the ranking keeps its order
     assert stages.calls["generate"][0][0] == "doc17: passage number 17"
+    stages = FakeStages(PlanConfig(evidence_order="ranked"), attention=late_first)
+    r = run(stages, top_k=3)
+    assert [e.doc_id for e in r.evidence] == ["doc19", "doc18", "doc17"]  # best first
+    assert stages.calls["generate"][0][0] == "doc19: passage number 19"
 
 
 def test_the_bridge_span_retrieves_once_more_and_its_passages_can_enter_at_equal_passages():
@@ -166,12 +172,13 @@ def test_the_bridge_span_retrieves_once_more_and_its_passages_can_enter_at_equal
     retrieval (source bridge), and its ranking is interpolated at that weight; exactly top_k still reach the
     generator. Weight 0 asks for no span and retrieves once."""
     stages = FakeStages(PlanConfig(bridge_weight=20.0, bridge_slots=2), attention=late_first, span="Varnholm")
-    r = run(stages, top_k=3)
+    r = run(stages, top_k=3, candidates=3)
     assert stages.calls["rerank"][0][4] == 2 and stages.calls["queries"] == ["Which passage?",
                                                                               "Which passage? Varnholm"]
     assert ("bridge", "Which passage? Varnholm") in r.retrieval_queries
-    assert len(r.evidence) == 3 and r.evidence[0].doc_id == "doc40" and r.evidence[0].sources == ["bridge"]
-    assert [e.doc_id for e in r.evidence[1:]] == ["doc19", "doc18"]
+    assert [x.doc_id for x in r.ranking[:3]] == ["doc40", "doc19", "doc18"] and r.ranking[0].score > 0
+    # read in the retrieval's order: the candidates first as retrieved, the bridge's own passage after them
+    assert [e.doc_id for e in r.evidence] == ["doc18", "doc19", "doc40"] and r.evidence[2].sources == ["bridge"]
     off = FakeStages(PlanConfig(), attention=late_first, span="Varnholm")
     r = run(off, top_k=3)
     assert off.calls["rerank"][0][4] == 0 and len(off.calls["retrieve"]) == 1
@@ -235,9 +242,12 @@ def test_the_facade_reranks_and_reads_its_memory_first_when_the_plan_says(tiny_l
     q = "Who lives at number four, Privet Drive?"
     plain = pipe.evidence(q, None, hits=6, task="qa")
     top = pipe.evidence(q, None, hits=2)
-    assert seen[-1] == (False, 6, 6144) and [h.chunk_id for h in top] == [plain[5].chunk_id, plain[4].chunk_id]
+    # the attention picked the two weakest; the generator reads them in the retrieval's order
+    assert seen[-1] == (False, 6, 6144) and [h.chunk_id for h in top] == [plain[4].chunk_id, plain[5].chunk_id]
+    _, ranked = pipe.evidence_ranking(q, None, hits=2, candidates=3)
+    assert [h.chunk_id for h in ranked] == [plain[5].chunk_id, plain[4].chunk_id, plain[3].chunk_id]
     pipe.plan_config = PlanConfig(rerank_candidates=6, rerank_prefix=True)
     pipe.evidence(q, None, hits=2)
     assert seen[-1][0] is True
     pipe(query=q, max_new_tokens=2)
-    assert seen[-1][0] is True and len(seen) == 3
+    assert seen[-1][0] is True and len(seen) == 4

@@ -196,7 +196,7 @@ def test_one_request_four_doors_same_evidence_and_same_greedy_answer(served, tmp
     assert record["seconds"]["rerank"] > 0 and record["recall_at_5"] >= record["recall_at_k"]
     # the native route hands the ranking the evidence was cut from when asked (R@5 of the evaluation reads it)
     ranked = post(served, {"query": QUESTION, "max_new_tokens": 8, "candidates": 4, **settings}).json()
-    assert [r["chunk_id"] for r in ranked["ranking"][:2]] == ids[0] and len(ranked["ranking"]) == 4
+    assert {r["chunk_id"] for r in ranked["ranking"][:2]} == set(ids[0]) and len(ranked["ranking"]) == 4
     assert by_http["ranking"] == []
 
 
