@@ -627,7 +627,8 @@ def select_heads(head_scores: Sequence[np.ndarray], golds: Sequence[np.ndarray],
 # -- fusion with the dense ranking -----------------------------------------------------------------------------
 #: interpolation weights tuned on HotpotQA dev 1-100 with the embedded models (docs/evaluation.md, Sessions 8 and
 # 10): attention weight 16 of the grid 0-16 with the heads chosen on all 100 dev questions (out-of-fold R@3 82.5;
-# weight 4: 80.5); no gate helped; the bridge span ranking tied with none: left out
+# weight 4: 80.5); no gate helped; the bridge span ranking tied with none offline and lost through the engine
+# (Session 11: dev 79.5 vs 81.0 per question, held-out pooled 73.5 vs 76.0 at weight 4): left out
 TUNED_ATTENTION_WEIGHT = 16.0
 TUNED_GATE = 0.0
 TUNED_BRIDGE_WEIGHT = 0.0
