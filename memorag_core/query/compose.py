@@ -21,8 +21,9 @@ Stage interfaces (duck-typed; every method is ``async`` except :meth:`AnswerStag
                    ``retrieve(name, version, query, clues, top_k, doc_id, extra) -> (evidence, queries)``
 ``memory``         ``clues(name, version, unit_ids, query, max_new_tokens, with_draft) -> list[UnitClues]``;
                    ``key_points(name, version, unit_ids, max_new_tokens) -> list[UnitClues]``;
-                   ``rerank(name, version, question, lines, dense_scores, prefix_unit, max_tokens)
-                   -> list[float] | None`` (None: the memory model has no head set)
+                   ``rerank(name, version, question, lines, dense_scores, prefix_unit, max_tokens, bridge_slots,
+                   bridge_width) -> CandidateScores | None`` (scores per line, and the bridge span when
+                   ``bridge_slots``; None: the memory model has no head set)
 ``generator``      ``generate(task, query, evidence, max_new_tokens) -> str``;
                    ``stream(task, query, evidence, max_new_tokens) -> AsyncIterator[str]``
 =================  ===========================================================================================
@@ -31,8 +32,10 @@ Decisions written here once:
 
 * **The memory points.** The ``memorag`` task retrieves ``plan.rerank_candidates`` fused candidates and the
   memory model's calibrated attention re-ranks them (:mod:`memorag_core.retrieval.rerank`), interpolated with the
-  retrieval's own scores (weight 0 = plain order), before the budget is cut. Text clues are decoded only when the
-  plan asks (``text_clues``) or the request wants a draft (``use_draft``).
+  retrieval's own scores (weight 0 = plain order), before the budget is cut; the kept passages reach the
+  generator in the retrieval's order (``plan.evidence_order``, chosen on dev), and the whole final order is the
+  result's ``ranking`` when the request asks (``candidates``). Text clues are decoded only when the plan asks
+  (``text_clues``) or the request wants a draft (``use_draft``).
 * **Budgets hold.** Exactly the ``top_k`` fused passages reach the generator. A draft answer is a retrieval query
   (source ``draft``), never an extra line of evidence, whatever ``use_draft`` or the number of units.
 * **A conversation never loses the question.** A session's standalone rewrite always joins retrieval (source
