@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from memorag_core.query.types import Evidence, QueryResult, RoutedUnit
+from memorag_core.query.types import Evidence, QueryResult, Ranked, RoutedUnit
 
 
 def test_to_api_is_plain_json_with_the_api_fields():
@@ -17,7 +17,8 @@ def test_to_api_is_plain_json_with_the_api_fields():
         units=[RoutedUnit(unit_id="u1", score=np.float32(0.75), reason="dense")],
         evidence=[Evidence(doc_id="lighthouse", unit_id="u1", chunk_id="c1", score=np.float32(0.5), text="t",
                            sources=["question"], start=np.int64(3), end=np.int64(9))],
-        timings={"total": np.float64(1.23456)}, retrieval_queries=[("question", "Who built it?")])
+        timings={"total": np.float64(1.23456)}, retrieval_queries=[("question", "Who built it?")],
+        ranking=[Ranked("lighthouse", "u1", "c1", np.float32(0.5))])
     with pytest.raises(TypeError):  # the dataclass dump keeps numpy scalars: not JSON
         json.dumps(result.to_dict())
     api = result.to_api()
@@ -27,4 +28,6 @@ def test_to_api_is_plain_json_with_the_api_fields():
     assert api["timings"] == {"total": 1.2346}
     assert api["retrieval_queries"] == [{"source": "question", "query": "Who built it?"}]
     assert set(api) == {"answer", "collection", "version", "task", "units", "clues", "evidence", "timings",
-                        "retrieval_queries", "session", "question", "warnings"}
+                        "retrieval_queries", "session", "question", "warnings", "ranking"}
+    assert api["ranking"] == [{"doc_id": "lighthouse", "unit_id": "u1", "chunk_id": "c1", "score": 0.5}]
+    assert type(api["ranking"][0]["score"]) is float
