@@ -70,6 +70,9 @@ def start_serve(cfg, *, port: int = 8000, ray_address: str | None = None, num_cp
         if address:
             ray.init(address=address, **kwargs)
         else:
+            from pipeline.ray_env import local_worker_priority
+
+            local_worker_priority()
             ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     cpus = float(ray.cluster_resources().get("CPU", 0.0))
     cfg, note = fit_to_cpus(cfg, cpus, refuse=not joined)

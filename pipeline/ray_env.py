@@ -10,6 +10,15 @@ REPO_ROOT = str(Path(__file__).resolve().parents[1])
 """The checkout that holds ``pipeline`` and ``memorag_core``: put on the workers' ``PYTHONPATH``."""
 
 
+def local_worker_priority() -> None:
+    """Before starting a local Ray: its workers run at this process's priority (``RAY_worker_niceness=0`` unless
+    the caller set it). Ray starts workers at nice 15 to keep a cluster node's raylet responsive; on a shared
+    machine that starved the memorize job's only actor behind any normal-priority process (the demo's memorize
+    took 788 s instead of about a minute beside two evaluations, docs/memorize_job.md). A cluster we join keeps its
+    own setting."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the Ray cluster at ``address`` / ``$RAY_ADDRESS``, or start a local one with ``num_cpus`` CPUs (None =
     all); nothing happens when Ray is already initialized. Workers get this checkout on ``PYTHONPATH`` and the
@@ -31,4 +40,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         env = {k: v for k, v in env.items() if k not in job_env}
     address = address or os.environ.get("RAY_ADDRESS")
     kwargs = {} if address else {"num_cpus": num_cpus}
+    if not address:
+        local_worker_priority()
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, **kwargs)
