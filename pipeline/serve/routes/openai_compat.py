@@ -51,6 +51,7 @@ class ChatBody(BaseModel):
     top_k: Optional[int] = Field(None, description="evidence passages handed to the generator")
     clue_max_new_tokens: Optional[int] = Field(None, description="most tokens per clue generation")
     user: Optional[str] = Field(None, description="the end user: their lifelong memory joins retrieval")
+    candidates: int = Field(0, description="also return the final ranking's first N passages (memorag.ranking)")
 
 
 def message_text(m: ChatMessage) -> str:
@@ -77,13 +78,13 @@ def _request(body: ChatBody, default_task: str, limits) -> QueryRequest:
 
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     return QueryRequest(query=last_user_text(body.messages), task=body.task or default_task,
-                        **defaults(limits, max_new_tokens=max_new, units=body.units, top_k=body.top_k,
+                        candidates=body.candidates, **defaults(limits, max_new_tokens=max_new, units=body.units, top_k=body.top_k,
                                    clue_max_new_tokens=body.clue_max_new_tokens))
 
 
 def _memorag_extra(result) -> dict:
     d = result.to_dict()
-    return {k: d[k] for k in ("version", "task", "clues", "evidence", "timings", "session")}
+    return {k: d[k] for k in ("version", "task", "clues", "evidence", "timings", "session", "ranking")}
 
 
 async def _with_history(ingress, body: ChatBody, request: QueryRequest, owner: str) -> None:

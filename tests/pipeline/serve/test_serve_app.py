@@ -197,7 +197,10 @@ def test_one_request_four_doors_same_evidence_and_same_greedy_answer(served, tmp
     # the native route hands the ranking the evidence was cut from when asked (R@5 of the evaluation reads it)
     ranked = post(served, {"query": QUESTION, "max_new_tokens": 8, "candidates": 4, **settings}).json()
     assert {r["chunk_id"] for r in ranked["ranking"][:2]} == set(ids[0]) and len(ranked["ranking"]) == 4
-    assert by_http["ranking"] == []
+    assert by_http["ranking"] == [] and by_chat["ranking"] == []
+    chat_ranked = client.chat.completions.create(model="facts", messages=[{"role": "user", "content": QUESTION}],
+                                                 max_tokens=8, extra_body={**settings, "candidates": 4})
+    assert chat_ranked.model_extra["memorag"]["ranking"] == ranked["ranking"]  # one composition, one ranking
 
 
 def test_keys_missing_unknown_other_collection_and_revoked(served):
