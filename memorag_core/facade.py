@@ -474,9 +474,11 @@ class MemoRAG:
             complete(comp.route(state))  # as run() does: the re-ranker may read after the routed unit's memory
         complete(comp.retrieve(state))
         complete(comp.rerank(state))
-        return ([Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in state.evidence],
-                [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query)
-                 for e in state.ranking[:candidates]])
+
+        def hits(evidence) -> list:
+            return [Hit(chunk_id=int(e.chunk_id), score=e.score, text=e.text, query=e.query) for e in evidence]
+
+        return hits(state.evidence), hits(state.ranking[:candidates])
 
     def retrieve(self, queries: list[str] | str, hits: int | None = None):
         """Top ``hits`` chunks per query, de-duplicated, in corpus order (list of retrieval ``Hit``); upstream's

@@ -314,8 +314,8 @@ class QueryComposition:
                                  keep_all=True)
         state.evidence = state.ranking[: r.top_k]
         if self.plan.evidence_order == "retrieval":  # the same passages, in the order they were retrieved
-            place = {(e.unit_id, e.chunk_id): i for i, e in enumerate(retrieved)}
-            state.evidence.sort(key=lambda e: place.get((e.unit_id, e.chunk_id), len(place)))
+            place = {passage_key(e): i for i, e in enumerate(retrieved)}
+            state.evidence.sort(key=lambda e: place.get(passage_key(e), len(place)))
         state.timings["rerank"] = time.perf_counter() - t
 
     async def generate(self, state: QueryState, *, stream: bool = True) -> AsyncIterator[str]:
@@ -378,6 +378,11 @@ class QueryComposition:
         yield StreamEvent("final", result=state.result(answer))
 
 
+def passage_key(e) -> tuple[str, str]:
+    """A passage's identity across two retrievals of one query (unit and chunk)."""
+    return (e.unit_id, e.chunk_id)
+
+
 def reranked(evidence: list, scores: list[float], question: str, top_k: int, plan, *,
              bridge: list | None = None, keep_all: bool = False) -> list:
     """The ``top_k`` best (``keep_all``: every candidate, best first) of ``evidence`` by the no-loss
@@ -397,12 +402,12 @@ def reranked(evidence: list, scores: list[float], question: str, top_k: int, pla
     rankings = [dense, attention_ranking(question, [(i, scores[i]) for i in by_attention])]
     marks = {i: ["attention"] for i in by_attention[:top_k]}
     if bridge:
-        place = {(e.unit_id, e.chunk_id): i for i, e in enumerate(pool)}
+        place = {passage_key(e): i for i, e in enumerate(pool)}
         bkeys = []
         for e in bridge:
-            k = place.get((e.unit_id, e.chunk_id))
+            k = place.get(passage_key(e))
             if k is None:
-                k = place[(e.unit_id, e.chunk_id)] = len(pool)
+                k = place[passage_key(e)] = len(pool)
                 pool.append(dataclasses.replace(e, sources=[]))
             bkeys.append(k)
         rankings.append(Ranking("bridge", bridge[0].query or question, bkeys, [float(e.score) for e in bridge]))
